@@ -1,0 +1,99 @@
+"""FP8 numerics: per-tensor dynamic scaling, saturating casts and a scaled FP8 matmul.
+
+Conventions used throughout the project:
+
+* E4M3 (``jnp.float8_e4m3fn``, max 448) holds weights and activations, E5M2
+  (``jnp.float8_e5m2``, max 57344) holds gradients.
+* Every scale is a *dequantization* multiplier: ``q.astype(float32) * scale`` is the
+  real tensor. Quantization divides by it. Scales are float32 scalars.
+* Dynamic per-tensor scaling picks ``scale = amax / fmax`` so the largest magnitude of the
+  tensor lands on the format's largest finite value. Values are clipped to ``[-fmax, fmax]``
+  before the cast (saturating), so finite inputs never give inf or NaN. An all-zero tensor
+  gets ``scale = 1``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+E4M3 = jnp.float8_e4m3fn
+E5M2 = jnp.float8_e5m2
+FP8_DTYPES = (jnp.dtype(E4M3), jnp.dtype(E5M2))
+
+# The smallest scale we ever use: keeps ``x / scale`` finite for denormal amax values.
+_MIN_SCALE = float(jnp.finfo(jnp.float32).tiny)
+
+
+def fp8_max(dtype: jnp.dtype) -> float:
+    """Largest finite value of an FP8 format (448 for E4M3, 57344 for E5M2)."""
+    return float(jnp.finfo(dtype).max)
+
+
+def scale_from_amax(amax: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Dequantization scale (float32 scalar) that maps ``amax`` onto ``dtype``'s max.
+
+    Returns 1.0 for a zero (or non-finite) amax so all-zero tensors stay zero and never
+    divide by zero.
+    """
+    amax = jnp.asarray(amax, jnp.float32)
+    scale = jnp.maximum(amax / fp8_max(dtype), _MIN_SCALE)
+    usable = (amax > 0) & jnp.isfinite(amax)
+    return jnp.where(usable, scale, jnp.float32(1.0))
+
+
+def compute_scale(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Per-tensor dynamic dequantization scale of ``x`` for ``dtype`` (float32 scalar)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    return scale_from_amax(amax, dtype)
+
+
+def cast_to_fp8(x: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Saturating cast of ``x / scale`` to ``dtype`` (round to nearest even).
+
+    ``x`` may have any shape and float dtype; the division happens in float32.
+    """
+    limit = fp8_max(dtype)
+    scaled = x.astype(jnp.float32) / scale
+    return jnp.clip(scaled, -limit, limit).astype(dtype)
+
+
+def quantize(x: jax.Array, dtype: jnp.dtype = E4M3) -> tuple[jax.Array, jax.Array]:
+    """Quantize ``x`` with a dynamic per-tensor scale.
+
+    Args:
+      x: float array of any shape.
+      dtype: ``E4M3`` or ``E5M2``.
+
+    Returns:
+      ``(q, scale)``: ``q`` has ``x``'s shape and dtype ``dtype``; ``scale`` is the float32
+      dequantization scalar, so ``dequantize(q, scale)`` approximates ``x``.
+    """
+    scale = compute_scale(x, dtype)
+    return cast_to_fp8(x, scale, dtype), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """``q.astype(float32) * scale``, cast to ``dtype``."""
+    return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+def fp8_dot(
+    a8: jax.Array,
+    a_scale: jax.Array,
+    b8: jax.Array,
+    b_scale: jax.Array,
+    dimension_numbers: lax.DotDimensionNumbers,
+) -> jax.Array:
+    """Scaled FP8 GEMM: ``dot_general(a8, b8) * a_scale * b_scale`` accumulated in float32.
+
+    ``a8`` and ``b8`` are float8 arrays (either format); XLA lowers the ``dot_general`` with
+    float8 operands and ``preferred_element_type=float32`` to an FP8 tensor-core GEMM on
+    Hopper/Ada GPUs (cuBLASLt). On CPU the same program runs with upcast values, so results
+    are numerically identical, just not fast. Returns float32.
+    """
+    if a8.dtype not in FP8_DTYPES or b8.dtype not in FP8_DTYPES:
+        raise TypeError(f"fp8_dot needs float8 operands, got {a8.dtype} and {b8.dtype}")
+    acc = lax.dot_general(a8, b8, dimension_numbers, preferred_element_type=jnp.float32)
+    return acc * (a_scale * b_scale)

@@ -1,0 +1,98 @@
+"""Reading compiled programs: FP8 casts, GEMMs and memory, counted from (Stable)HLO text.
+
+These counts are exact facts about a program on any backend, unlike CPU wall-clock, which
+says nothing about FP8 speed (CPUs emulate FP8).
+
+Two views are counted:
+
+* ``lowered``: the StableHLO that JAX emits (``jax.jit(f).lower(...).as_text()``) -- what the
+  program asks for, identical on every backend.
+* ``compiled``: the optimized HLO (``.compile().as_text()``); backend-specific. XLA's CPU
+  backend, which has no FP8 arithmetic, adds float8<->float16 round trips here that a GPU
+  build would not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+
+_FP8_TYPE = r"f8E4M3FN|f8E5M2|f8e4m3fn|f8e5m2"
+# StableHLO: %3 = stablehlo.convert %2 : (tensor<8x16xf32>) -> tensor<8x16xf8E4M3FN>
+_SHLO_CONVERT = re.compile(r"stablehlo\.convert .*-> tensor<([0-9x]*)x?(" + _FP8_TYPE + r")>")
+_SHLO_DOT = re.compile(r"stablehlo\.dot_general .*: \(tensor<[0-9x]*x?([a-zA-Z0-9]+)>, tensor<")
+# HLO: %convert.3 = f8e4m3fn[8,16]{1,0} convert(f32[8,16]{1,0} %x)
+_HLO_CONVERT = re.compile(r"= (" + _FP8_TYPE + r")\[([0-9,]*)\][^ ]* convert\(")
+_HLO_DOT = re.compile(
+    r"= [a-z0-9]+\[[0-9,]*\][^ ]* (dot|convolution)\(|custom_call_target=\"__cublas"
+)
+
+
+@dataclass(frozen=True)
+class ProgramCounts:
+    """Counts for one program. ``*_large`` counts tensors with >= ``large_elements``."""
+
+    fp8_casts: int
+    fp8_casts_large: int
+    gemms: int
+    fp8_gemms: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _elements(dims: str, sep: str) -> int:
+    size = 1
+    for d in filter(None, dims.split(sep)):
+        size *= int(d)
+    return size
+
+
+def count_lowered(text: str, large_elements: int) -> ProgramCounts:
+    """Count casts to FP8 and ``dot_general``s in StableHLO text."""
+    casts = [_elements(m.group(1), "x") for m in _SHLO_CONVERT.finditer(text)]
+    dots = _SHLO_DOT.findall(text)
+    fp8_dots = [t for t in dots if t.lower().startswith("f8")]
+    return ProgramCounts(
+        fp8_casts=len(casts),
+        fp8_casts_large=sum(n >= large_elements for n in casts),
+        gemms=len(dots),
+        fp8_gemms=len(fp8_dots),
+    )
+
+
+def count_compiled(text: str, large_elements: int) -> ProgramCounts:
+    """Count casts to FP8 and GEMMs in optimized HLO text (fusion bodies included)."""
+    casts = [_elements(m.group(2), ",") for m in _HLO_CONVERT.finditer(text)]
+    gemm_lines = [line for line in text.splitlines() if _HLO_DOT.search(line)]
+    fp8_gemms = [line for line in gemm_lines if re.search(r"\((" + _FP8_TYPE + r")\[", line)]
+    return ProgramCounts(
+        fp8_casts=len(casts),
+        fp8_casts_large=sum(n >= large_elements for n in casts),
+        gemms=len(gemm_lines),
+        fp8_gemms=len(fp8_gemms),
+    )
+
+
+def analyze(fn, *args: Any, large_elements: int = 1 << 20, donate_argnums=()) -> dict[str, Any]:
+    """Lower and compile ``fn(*args)`` (args may be ``jax.ShapeDtypeStruct``s) and report
+    casts, GEMMs, memory (``memory_analysis``) and XLA's cost analysis (flops, bytes)."""
+    lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+    compiled = lowered.compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older JAX returns one dict per computation
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return {
+        "lowered": count_lowered(lowered.as_text(), large_elements).as_dict(),
+        "compiled": count_compiled(compiled.as_text(), large_elements).as_dict(),
+        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
+        "argument_bytes": int(getattr(memory, "argument_size_in_bytes", -1)),
+        "output_bytes": int(getattr(memory, "output_size_in_bytes", -1)),
+        "flops": float(cost.get("flops", -1.0)),
+        "bytes_accessed": float(cost.get("bytes accessed", -1.0)),
+    }

@@ -1,0 +1,209 @@
+"""The FALQON melded linear layer: an FP8 backbone with its LoRA ``A`` rows melded in.
+
+A linear layer ``y = x W^T`` with ``W`` of shape ``(out, in)`` (the Hugging Face / PyTorch
+layout) becomes a :class:`MeldedLinear`:
+
+* ``w8`` -- float8_e4m3fn ``(out + rank, in)``: rows ``[:out]`` are the quantized backbone
+  ``W``, rows ``[out:]`` are the frozen LoRA factor ``A``. One per-tensor scale covers both.
+* ``scale`` -- float32 scalar, the dequantization multiplier: ``w8.astype(f32) * scale``.
+* ``b`` -- float32 ``(out, rank)``, the trainable LoRA side. **Invariant: ``b`` is always
+  zero.** Its gradient feeds the optimizer; the resulting updates are accumulated in a proxy
+  buffer by :func:`falqon_jax.optax.falqon_update` and merged row by row into ``w8``, so ``b``
+  itself never leaves zero and the forward pass never needs to add ``b (A x)``.
+
+:func:`apply` runs ONE FP8 GEMM per forward and one per backward (for ``dL/dx``), plus a
+rank-sized FP8 GEMM for ``dL/db``; the input ``x`` is never saved for the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from falqon_jax import fp8
+
+# FP8 tensor-core GEMMs need every matrix dimension to be a multiple of this.
+FP8_ALIGNMENT = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MeldedLinear:
+    """Parameters of one melded layer (a pytree; ``out`` and ``rank`` are static).
+
+    Stacked layers (e.g. from ``nn.scan``) carry extra leading axes on every leaf:
+    ``w8 (..., out + rank, in)``, ``scale (...)``, ``b (..., out, rank)``.
+    """
+
+    w8: jax.Array
+    scale: jax.Array
+    b: jax.Array
+    out: int = dataclasses.field(metadata=dict(static=True))
+    rank: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def in_features(self) -> int:
+        return self.w8.shape[-1]
+
+    def a(self) -> jax.Array:
+        """The frozen LoRA factor ``A`` dequantized: float32 ``(..., rank, in)``."""
+        return self.w8[..., self.out :, :].astype(jnp.float32) * _expand(self.scale, 2)
+
+
+def _expand(scale: jax.Array, n: int) -> jax.Array:
+    """Append ``n`` singleton axes so a (possibly stacked) scale broadcasts over matrices."""
+    return jnp.reshape(scale, jnp.shape(scale) + (1,) * n)
+
+
+def is_melded(node: object) -> bool:
+    """True for a :class:`MeldedLinear` (use as ``is_leaf`` when mapping over params)."""
+    return isinstance(node, MeldedLinear)
+
+
+def check_convertible(out: int, in_features: int, rank: int) -> str | None:
+    """Why a layer of this shape cannot be melded, or ``None`` if it can."""
+    if out % FP8_ALIGNMENT or in_features % FP8_ALIGNMENT:
+        return (
+            f"layer shape (out={out}, in={in_features}) is not a multiple of {FP8_ALIGNMENT} "
+            "(FP8 GEMM requirement); leave this layer unconverted"
+        )
+    if rank <= 0 or rank > min(out, in_features):
+        limit = min(out, in_features)
+        return f"rank must be in 1..{limit} for a ({out}, {in_features}) layer, got {rank}"
+    return None
+
+
+def init(
+    w: jax.Array,
+    rank: int,
+    *,
+    key: jax.Array | None = None,
+    init: Literal["svd", "random"] = "svd",
+) -> MeldedLinear:
+    """Meld a float weight ``w`` of shape ``(out, in)`` into a :class:`MeldedLinear`.
+
+    ``init="svd"`` (FALQON): quantize ``W``, take the rank-``rank`` SVD of the quantization
+    error ``E = W - DQ(Q(W)) ~ U_r S_r V_r^T`` and set ``A = sqrt(S_r) V_r^T``.
+    ``init="random"`` (ablation, as in the reference code): ``A`` is drawn from a normal
+    with ``W``'s mean and standard deviation and clipped to ``W``'s range; needs ``key``.
+
+    Then ``[W; A]`` is quantized to E4M3 with one per-tensor scale and ``b = 0``.
+    Raises ``ValueError`` for shapes that are not multiples of 16 or an invalid rank.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    if w.ndim != 2:
+        raise ValueError(f"init expects a 2-D weight (out, in), got shape {w.shape}")
+    out, in_features = w.shape
+    problem = check_convertible(out, in_features, rank)
+    if problem:
+        raise ValueError(problem)
+    if init == "svd":
+        a = _svd_factor(w, rank)
+    elif init == "random":
+        if key is None:
+            raise ValueError('init="random" needs a PRNG key: pass key=jax.random.key(seed)')
+        a = _random_factor(w, rank, key)
+    else:
+        raise ValueError(f'init must be "svd" or "random", got {init!r}')
+    w8, scale = fp8.quantize(jnp.concatenate([w, a], axis=0), fp8.E4M3)
+    b = jnp.zeros((out, rank), jnp.float32)
+    return MeldedLinear(w8=w8, scale=scale, b=b, out=out, rank=rank)
+
+
+def _svd_factor(w: jax.Array, rank: int) -> jax.Array:
+    """``sqrt(S_r) V_r^T`` of the E4M3 quantization error of ``w``: float32 ``(rank, in)``."""
+    q, s = fp8.quantize(w, fp8.E4M3)
+    error = w - fp8.dequantize(q, s)
+    _, sing, vt = jnp.linalg.svd(error, full_matrices=False)
+    return jnp.sqrt(sing[:rank])[:, None] * vt[:rank]
+
+
+def _random_factor(w: jax.Array, rank: int, key: jax.Array) -> jax.Array:
+    """``A ~ N(mean(W), std(W))`` clipped to ``[min(W), max(W)]``: float32 ``(rank, in)``."""
+    noise = jax.random.normal(key, (rank, w.shape[1]), jnp.float32)
+    return jnp.clip(jnp.mean(w) + jnp.std(w) * noise, jnp.min(w), jnp.max(w))
+
+
+def dequantize(p: MeldedLinear) -> jax.Array:
+    """The effective backbone ``DQ(w8[:out])``: float32 ``(..., out, in)``."""
+    return p.w8[..., : p.out, :].astype(jnp.float32) * _expand(p.scale, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Forward and backward.
+
+_CONTRACT_LAST = (((1,), (1,)), ((), ()))  # (T, in) x (R, in) -> (T, R)
+_CONTRACT_OUT = (((1,), (0,)), ((), ()))  # (T, out) x (out, in) -> (T, in)
+_CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # (T, out) x (T, r) -> (out, r)
+
+
+def apply(p: MeldedLinear, x: jax.Array) -> jax.Array:
+    """``y = x W^T`` through the melded FP8 weight.
+
+    Args:
+      p: an unstacked :class:`MeldedLinear` (``w8`` is 2-D).
+      x: ``(..., in)``, bfloat16 or float32.
+
+    Returns:
+      ``y`` of shape ``(..., out)`` in ``x``'s dtype. Gradients flow to ``x`` and ``p.b``;
+      ``w8`` and ``scale`` get zero cotangents.
+    """
+    if p.w8.ndim != 2:
+        raise ValueError(
+            f"apply takes one layer; got stacked weights of shape {p.w8.shape} "
+            "(map over the leading axes, e.g. with nn.scan or jax.lax.scan)"
+        )
+    if x.shape[-1] != p.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer expects {p.in_features}")
+    return _melded_matmul(p, x)
+
+
+@jax.custom_vjp
+def _melded_matmul(p: MeldedLinear, x: jax.Array) -> jax.Array:
+    return _forward(p, x)[0]
+
+
+def _forward(p: MeldedLinear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One FP8 GEMM of ``Q_e4m3(x)`` with ``[W; A]``; returns ``(y, ax)``.
+
+    ``y`` is ``(..., out)`` in ``x``'s dtype, ``ax = A x`` is float32 ``(T, rank)``.
+    """
+    tokens = x.reshape(-1, x.shape[-1])
+    x8, x_scale = fp8.quantize(tokens, fp8.E4M3)
+    both = fp8.fp8_dot(x8, x_scale, p.w8, p.scale, _CONTRACT_LAST)  # (T, out + rank)
+    y = both[:, : p.out].astype(x.dtype).reshape(x.shape[:-1] + (p.out,))
+    return y, both[:, p.out :]
+
+
+def _melded_fwd(p: MeldedLinear, x: jax.Array):
+    y, ax = _forward(p, x)
+    # Residuals: the tiny ``A x`` and the weight that is already resident -- never ``x``.
+    return y, (ax, p.w8, p.scale)
+
+
+def _melded_bwd(residuals, g: jax.Array):
+    ax, w8, scale = residuals
+    rank = ax.shape[1]
+    out = w8.shape[0] - rank
+    g_tokens = g.reshape(-1, out)
+    g8, g_scale = fp8.quantize(g_tokens, fp8.E5M2)
+    backbone = lax.slice_in_dim(w8, 0, out, axis=0)
+    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT)
+    dx = dx.astype(g.dtype).reshape(g.shape[:-1] + (w8.shape[1],))
+    ax8, ax_scale = fp8.quantize(ax, fp8.E4M3)
+    db = fp8.fp8_dot(g8, g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, rank)
+    dp = MeldedLinear(
+        w8=jnp.zeros_like(w8),
+        scale=jnp.zeros_like(scale),
+        b=db,
+        out=out,
+        rank=rank,
+    )
+    return dp, dx
+
+
+_melded_matmul.defvjp(_melded_fwd, _melded_bwd)

@@ -1,0 +1,185 @@
+"""The melded layer against a float64 NumPy reference of the same quantized math."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from falqon_jax import hlo, melded
+from tests import reference as ref
+
+OUT, IN, RANK, TOKENS = 48, 64, 16, 40
+
+
+def _weight(seed=0, out=OUT, inp=IN):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((out, inp)) * 0.05).astype(np.float32)
+
+
+def _layer(seed=0, rank=RANK):
+    return melded.init(jnp.asarray(_weight(seed)), rank)
+
+
+def test_init_layout_and_dtypes():
+    p = _layer()
+    assert p.w8.shape == (OUT + RANK, IN) and p.w8.dtype == jnp.float8_e4m3fn
+    assert p.scale.shape == () and p.scale.dtype == jnp.float32
+    assert p.b.shape == (OUT, RANK) and p.b.dtype == jnp.float32 and not np.any(np.asarray(p.b))
+    assert (p.out, p.rank, p.in_features) == (OUT, RANK, IN)
+    assert melded.dequantize(p).shape == (OUT, IN)
+
+
+def test_init_svd_factor_matches_numpy_svd_of_quantization_error():
+    w = _weight()
+    p = melded.init(jnp.asarray(w), RANK)
+    # Reference: quantize W alone, SVD (float64) of its error, A = sqrt(S_r) V_r^T.
+    q, s = ref.quantize(w, ref.E4M3)
+    error = w.astype(np.float64) - ref.f64(q) * float(s)
+    u, sing, vt = np.linalg.svd(error, full_matrices=False)
+    a_ref = np.sqrt(sing[:RANK])[:, None] * vt[:RANK]
+    b0 = u[:, :RANK] * np.sqrt(sing[:RANK])  # the implicit "B.A" of the error
+    # The melded matrix is [W; A] quantized with ONE per-tensor scale.
+    # Here W's amax dominates A's, so the melded scale is exactly W's own scale.
+    assert np.abs(w).max() > np.abs(a_ref).max()
+    melded_ref, scale_ref = ref.quantize(np.concatenate([w, a_ref.astype(np.float32)]), ref.E4M3)
+    assert float(p.scale) == float(scale_ref)
+    a_got = np.asarray(p.a(), np.float64)
+    # Singular vectors are defined up to sign; quantization error <= 2^-4 relative, plus the
+    # subnormal step at this scale.
+    tol = 2.0**-4 * np.abs(a_ref) + 2.0**-9 * float(scale_ref) + 1e-6
+    for i in range(RANK):
+        sign = np.sign(a_got[i] @ a_ref[i])
+        assert np.all(np.abs(a_got[i] - sign * a_ref[i]) <= tol[i]), i
+    # The factor property: the adapter pair explains part of the quantization error.
+    dq_w = ref.f64(ref.quantize(w, ref.E4M3)[0]) * float(s)
+    e = w - dq_w
+    assert np.linalg.norm(e - b0 @ a_ref) < np.linalg.norm(e)
+    # Backbone rows: W quantized with the melded scale, half-ulp rounding.
+    back = np.asarray(melded.dequantize(p), np.float64)
+    np.testing.assert_array_equal(
+        np.asarray(p.w8)[:OUT].view(np.uint8), melded_ref[:OUT].view(np.uint8)
+    )
+    assert np.all(np.abs(back - w) <= 2.0**-4 * np.abs(w) + 2.0**-10 * float(scale_ref))
+
+
+def test_init_random_ablation():
+    w = _weight(3)
+    p = melded.init(jnp.asarray(w), RANK, key=jax.random.key(0), init="random")
+    a = np.asarray(p.a())
+    assert a.min() >= w.min() - 2.0**-4 * abs(w.min()) and a.max() <= w.max() * (1 + 2.0**-4)
+    assert abs(a.std() - w.std()) < 0.3 * w.std()
+
+
+@pytest.mark.parametrize(
+    "shape,rank,kwargs,match",
+    [
+        ((40, 64), 8, {}, "multiple of 16"),
+        ((48, 60), 8, {}, "multiple of 16"),
+        ((48, 64), 0, {}, "rank"),
+        ((48, 64), 49, {}, "rank"),
+        ((48, 64), 8, {"init": "random"}, "key"),
+        ((48, 64), 8, {"init": "pca"}, "init"),
+    ],
+)
+def test_init_rejects_bad_input(shape, rank, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        melded.init(jnp.zeros(shape), rank, **kwargs)
+
+
+@pytest.mark.parametrize("lead", [(TOKENS,), (4, 10)])
+def test_forward_matches_reference(lead):
+    p = _layer()
+    x = np.random.default_rng(5).standard_normal(lead + (IN,)).astype(np.float32)
+    y = melded.apply(p, jnp.asarray(x))
+    assert y.shape == lead + (OUT,) and y.dtype == jnp.float32
+    w8 = np.asarray(p.w8)
+    y_ref, _, x8, sx = ref.melded_forward(w8, np.float32(p.scale), OUT, x)
+    factor = float(sx) * float(p.scale)
+    bound = ref.summation_bound(np.abs(ref.f64(x8)), np.abs(ref.f64(w8[:OUT])).T, IN, factor)
+    err = np.abs(np.asarray(y, np.float64).reshape(-1, OUT) - y_ref)
+    assert np.all(err <= bound)
+
+
+def test_forward_bfloat16_returns_bfloat16():
+    p = _layer()
+    x = np.random.default_rng(6).standard_normal((TOKENS, IN)).astype(np.float32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    y = melded.apply(p, xb)
+    assert y.dtype == jnp.bfloat16
+    y_ref, *_ = ref.melded_forward(np.asarray(p.w8), np.float32(p.scale), OUT,
+                                   np.asarray(xb.astype(jnp.float32)))
+    # Same quantized math, then one bfloat16 rounding (2^-9 relative) of the output.
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2.0**-8, atol=1e-6)
+
+
+def test_backward_matches_reference_and_freezes_w8():
+    p = _layer(1)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((TOKENS, IN)).astype(np.float32)
+    g = rng.standard_normal((TOKENS, OUT)).astype(np.float32)
+    y, vjp = jax.vjp(melded.apply, p, jnp.asarray(x))
+    dp, dx = vjp(jnp.asarray(g))
+    # The backward is a function of the saved ``A x`` and g; the reference takes the layer's
+    # own ``ax`` and checks it against the float64 forward first.
+    _, ax = melded._forward(p, jnp.asarray(x))
+    w8 = np.asarray(p.w8)
+    _, ax_ref, x8, sx = ref.melded_forward(w8, np.float32(p.scale), OUT, x)
+    ax_bound = ref.summation_bound(np.abs(ref.f64(x8)), np.abs(ref.f64(w8[OUT:])).T, IN,
+                                   float(sx) * float(p.scale))
+    assert np.all(np.abs(np.asarray(ax, np.float64) - ax_ref) <= ax_bound)
+    dx_ref, db_ref, g8, sg, ax8, sax = ref.melded_backward(w8, np.float32(p.scale), OUT,
+                                                          np.asarray(ax), g)
+    dx_bound = ref.summation_bound(np.abs(ref.f64(g8)), np.abs(ref.f64(w8[:OUT])), OUT,
+                                   float(sg) * float(p.scale))
+    db_bound = ref.summation_bound(np.abs(ref.f64(g8)).T, np.abs(ref.f64(ax8)), TOKENS,
+                                   float(sg) * float(sax))
+    assert dx.shape == x.shape and dp.b.shape == (OUT, RANK)
+    assert np.all(np.abs(np.asarray(dx, np.float64) - dx_ref) <= dx_bound)
+    assert np.all(np.abs(np.asarray(dp.b, np.float64) - db_ref) <= db_bound)
+    assert not np.any(np.asarray(dp.w8.astype(jnp.float32))) and float(dp.scale) == 0.0
+
+
+def test_grad_through_a_loss_reaches_b_only():
+    p = _layer(2)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 8, IN)), jnp.float32)
+    grads = jax.jit(jax.grad(lambda p, x: jnp.mean(melded.apply(p, x) ** 2)))(p, x)
+    assert float(jnp.abs(grads.b).sum()) > 0
+    assert not np.any(np.asarray(grads.w8.astype(jnp.float32)))
+
+
+def test_input_is_not_saved_for_backward():
+    p = _layer()
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((TOKENS, IN)), jnp.float32)
+    _, vjp = jax.vjp(melded.apply, p, x)
+    saved = jax.tree_util.tree_leaves(vjp)
+    assert saved, "expected residuals"
+    for leaf in saved:
+        assert jnp.shape(leaf) != x.shape, f"x-shaped residual {jnp.shape(leaf)}"
+    shapes = sorted(str(jnp.shape(leaf)) for leaf in saved)
+    assert str((TOKENS, RANK)) in shapes  # A x is what the backward keeps
+
+
+def test_apply_rejects_stacked_weights_and_wrong_width():
+    p = _layer()
+    stacked = jax.tree.map(lambda a: a[None], p)
+    with pytest.raises(ValueError, match="stacked"):
+        melded.apply(stacked, jnp.ones((2, IN)))
+    with pytest.raises(ValueError, match="features"):
+        melded.apply(p, jnp.ones((2, IN + 16)))
+
+
+def test_one_fp8_gemm_forward_and_three_casts_per_fwd_bwd():
+    """Lowered program of fwd+bwd: 3 FP8 GEMMs (y/ax, dx, db) and 3 casts to FP8, of which
+    2 are token x feature sized (x and g) and 1 is token x rank sized (ax)."""
+    p = _layer()
+    x = jnp.ones((256, IN), jnp.float32)
+    g = jnp.ones((256, OUT), jnp.float32)
+
+    def fwd_bwd(p, x, g):
+        y, vjp = jax.vjp(melded.apply, p, x)
+        return y, vjp(g)
+
+    report = hlo.analyze(fwd_bwd, p, x, g, large_elements=256 * 32)
+    assert report["lowered"] == {"fp8_casts": 3, "fp8_casts_large": 2, "gemms": 3, "fp8_gemms": 3}
+    fwd = hlo.analyze(melded.apply, p, x, large_elements=256 * 32)
+    assert fwd["lowered"]["gemms"] == 1 and fwd["lowered"]["fp8_casts"] == 1

@@ -1,0 +1,45 @@
+"""End to end: FALQON fine-tunes a toy MLP comparably to a float32 LoRA reference."""
+
+import pytest
+
+from falqon_jax import toy
+
+RANK, LR, STEPS = 32, 1e-2, 300
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return toy.make_problem(seed=0)
+
+
+@pytest.fixture(scope="module")
+def results(problem):
+    return {m: toy.train(m, problem, rank=RANK, lr=LR, steps=STEPS) for m in toy.METHODS}
+
+
+def test_falqon_loss_falls(results):
+    r = results["falqon"]
+    assert r["final_loss"] < 0.6 * r["initial_loss"]
+
+
+def test_falqon_comparable_to_float32_lora_on_the_same_adapter_space(results):
+    """FALQON can only move W inside the row space of its frozen A; the float32 reference
+    that trains B on that same A is the like-for-like comparison. Require FALQON to achieve
+    at least 60% of its loss reduction (measured: about 85%)."""
+    f, ref = results["falqon"], results["lora_frozen_a"]
+    gain = f["initial_loss"] - f["final_loss"]
+    ref_gain = ref["initial_loss"] - ref["final_loss"]
+    assert gain >= 0.6 * ref_gain, (results, gain / ref_gain)
+
+
+def test_standard_lora_reference_learns_the_task(results):
+    """Sanity of the task: unrestricted LoRA fits the low-rank teacher delta."""
+    r = results["lora"]
+    assert r["final_loss"] < 0.05 * r["initial_loss"]
+
+
+def test_proxy_buffer_beats_merging_every_row(problem, results):
+    """Merging every row every step rounds small updates away in FP8; accumulating them in
+    the proxy buffer and merging the top-k rows keeps them (the point of the method)."""
+    every_row = toy.train("falqon", problem, rank=RANK, lr=LR, steps=STEPS, top_k=None)
+    assert results["falqon"]["final_loss"] < 0.8 * every_row["final_loss"]
