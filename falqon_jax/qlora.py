@@ -1,0 +1,138 @@
+"""QLoRA: LoRA on an NF4 backbone with double-quantized block scales (the QLoRA baseline).
+
+A linear layer ``y = x W^T`` with ``W`` of shape ``(out, in)`` becomes
+``y = x DQ(W_nf4)^T + (alpha / rank) (x A^T) B^T`` with
+
+* ``w`` -- the frozen backbone as an :class:`falqon_jax.nf4.NF4Tensor` (NF4, block size 64,
+  double-quantized absmax; see :mod:`falqon_jax.nf4`),
+* ``a`` -- float32 ``(rank, in)`` and ``b`` -- float32 ``(out, rank)``: the trainable LoRA
+  factors (PEFT init), cast to the compute dtype for the matmuls as in :mod:`falqon_jax.lora`,
+* ``compute_dtype`` -- static name of the compute dtype (``"bfloat16"`` by default).
+
+As in bitsandbytes' ``Linear4bit`` the backbone is dequantized to the compute dtype on the
+fly in the forward pass, and dequantized again in the backward pass for ``dL/dx``: only the
+NF4 storage is kept between the two, never a dequantized copy (a ``custom_vjp``).
+The storage gets no gradient. Its code arrays are uint8, so ``jax.grad`` over the whole
+params pytree needs ``allow_int=True`` (the uint8 leaves then get ``float0`` cotangents and
+the float32 scale leaves zeros); alternatively differentiate only the leaves marked by
+:func:`trainable`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from falqon_jax import nf4
+from falqon_jax.lora import (
+    _adapter,
+    _adapter_mask,
+    _check_input,
+    _init_adapter,
+    _rank_problem,
+    _weight_shape,
+)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QLoraLinear:
+    """Parameters of one QLoRA layer (a pytree; ``rank``, ``alpha``, ``compute_dtype`` static).
+
+    ``w`` is the frozen NF4 backbone of shape ``(out, in)``; ``a (rank, in)`` and
+    ``b (out, rank)`` are float32.
+    """
+
+    w: nf4.NF4Tensor
+    a: jax.Array
+    b: jax.Array
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    alpha: float = dataclasses.field(metadata=dict(static=True))
+    compute_dtype: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA multiplier ``alpha / rank``."""
+        return self.alpha / self.rank
+
+
+def init(
+    w: jax.Array,
+    rank: int,
+    *,
+    alpha: float = 16.0,
+    key: jax.Array | None = None,
+    dtype: jnp.dtype = jnp.bfloat16,
+) -> QLoraLinear:
+    """Quantize a float32 weight ``w (out, in)`` to NF4 and attach a LoRA adapter.
+
+    ``dtype`` is the compute dtype; ``key`` (required) draws ``a``; ``b`` is zero. Raises
+    ``ValueError`` if ``out * in`` is not a multiple of 64 (the NF4 block size) or the rank
+    is not in ``1..min(out, in)``.
+    """
+    out, in_features = _weight_shape(w)
+    problem = check(out, in_features, rank)
+    if problem:
+        raise ValueError(problem)
+    compute = jnp.dtype(dtype)
+    if not jnp.issubdtype(compute, jnp.floating):
+        raise ValueError(f"the compute dtype must be a float type, got {compute}")
+    a, b = _init_adapter(key, out, in_features, rank)
+    return QLoraLinear(
+        w=nf4.quantize_nf4(jnp.asarray(w, jnp.float32)),
+        a=a,
+        b=b,
+        rank=int(rank),
+        alpha=float(alpha),
+        compute_dtype=compute.name,
+    )
+
+
+def apply(p: QLoraLinear, x: jax.Array) -> jax.Array:
+    """``y = x DQ(W)^T + (alpha / rank) (x A^T) B^T`` in the compute dtype.
+
+    Args:
+      p: an unstacked :class:`QLoraLinear`.
+      x: ``(..., in)``, bfloat16 or float32.
+
+    Returns:
+      ``(..., out)`` in ``x``'s dtype. Gradients flow to ``x``, ``p.a`` and ``p.b``.
+    """
+    _check_input(p.w.shape, x)
+    xc = x.astype(p.compute_dtype)
+    y = _nf4_matmul(p.w, xc)
+    return (y + _adapter(xc, p.a, p.b, p.scaling)).astype(x.dtype)
+
+
+def check(out: int, in_features: int, rank: int) -> str | None:
+    """Why an ``(out, in)`` layer cannot be converted, or ``None`` if it can.
+
+    ``out * in`` must be a multiple of the NF4 block size 64 and ``rank`` in
+    ``1..min(out, in)``.
+    """
+    return nf4.check_quantizable((out, in_features)) or _rank_problem(out, in_features, rank)
+
+
+def trainable(p: QLoraLinear) -> QLoraLinear:
+    """``p``-shaped pytree of bools: ``True`` for ``a`` and ``b``, ``False`` for ``w``."""
+    return _adapter_mask(p)
+
+
+@jax.custom_vjp
+def _nf4_matmul(w: nf4.NF4Tensor, x: jax.Array) -> jax.Array:
+    """``x (..., in) @ DQ(w)^T -> (..., out)``, all in ``x``'s dtype."""
+    return jnp.einsum("...i,oi->...o", x, nf4.dequantize_nf4(w, x.dtype))
+
+
+def _nf4_matmul_fwd(w: nf4.NF4Tensor, x: jax.Array):
+    return _nf4_matmul(w, x), w
+
+
+def _nf4_matmul_bwd(w: nf4.NF4Tensor, g: jax.Array):
+    dx = jnp.einsum("...o,oi->...i", g, nf4.dequantize_nf4(w, g.dtype))
+    return None, dx  # None: zero cotangent for the whole NF4 storage.
+
+
+_nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
