@@ -24,6 +24,8 @@ each step:
 A matrix whose incoming update is exactly zero (no optimizer step happened: accumulation
 mini-steps of ``optax.MultiSteps``, a zero learning rate) merges nothing and keeps its buffer.
 
+``updates`` may hold ``None`` for leaves that were not differentiated (for example when
+gradients are taken only with respect to the trainable leaves); ``None`` passes through.
 Incoming updates for ``w8`` and ``scale`` (zero gradients, or weight decay) are discarded and
 ``b`` gets a zero update, so it stays exactly zero. Every other leaf passes through unchanged.
 
@@ -177,7 +179,9 @@ def falqon_update(
                 rank=layer.rank,
             )
 
-        new_updates = jax.tree_util.tree_map_with_path(visit, updates, params, is_leaf=is_melded)
+        new_updates = jax.tree_util.tree_map_with_path(
+            visit, updates, params, is_leaf=_melded_or_none
+        )
         return new_updates, FalqonState(new_buffers)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -211,6 +215,11 @@ def _select_and_reset(
         cleared = buffer * keep[..., None]
     buffer = jnp.where(stepped[..., None, None], cleared, buffer)
     return rows.astype(jnp.int32), delta, buffer
+
+
+def _melded_or_none(node: object) -> bool:
+    # ``None`` marks a leaf without an update (e.g. a frozen leaf left out of the gradient).
+    return node is None or is_melded(node)
 
 
 def _resolve_k(top_k: int | None, layer: MeldedLinear, names: tuple[str, ...]) -> int:
