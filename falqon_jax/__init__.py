@@ -1,1 +1,21 @@
-"""FALQON in JAX: LoRA adapters melded into an FP8 backbone, one FP8 GEMM per layer."""
+"""FALQON in JAX: LoRA adapters melded into an FP8 backbone, one FP8 GEMM per layer.
+
+Importing the package is cheap; :func:`load_model` pulls in the model code on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from falqon_jax.llama import LlamaModel
+
+__all__ = ["load_model"]
+
+
+def load_model(path_or_card: str | os.PathLike[str], **kwargs: Any) -> LlamaModel:
+    """Load a LLaMA checkpoint or model card; see :func:`falqon_jax.loading.load_model`."""
+    from falqon_jax.loading import load_model as _load_model
+
+    return _load_model(path_or_card, **kwargs)

@@ -1,0 +1,184 @@
+"""Registry of linear-layer methods: how a ``y = x W^T`` layer is stored, run and trained.
+
+A method converts a float32 weight ``w`` of shape ``(out, in)`` (the Hugging Face layout)
+into a params pytree and runs it:
+
+* ``init(w, rank, *, alpha, key, dtype) -> params``
+* ``apply(params, x) -> y``: ``x`` is ``(..., in)``, ``y`` is ``(..., out)`` in ``x``'s dtype
+* ``trainable(params) -> bool pytree`` of the same structure: which leaves an optimizer trains
+* ``check(out, in, rank) -> str | None``: why a layer of that shape cannot be converted
+
+Built in: ``full`` (a dense weight, trained), ``frozen`` (a dense weight, not trained; used
+for layers a method does not target) and ``falqon`` (:mod:`falqon_jax.melded`). ``lora``,
+``fp8_lora`` and ``qlora`` live in their own modules (``falqon_jax.lora`` ...), imported on
+first use. Such a module provides ``init``, ``apply``, ``trainable`` and optionally
+``check``; FP8 methods without a ``check`` use :func:`falqon_jax.melded.check_convertible`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from falqon_jax import melded
+
+
+class MethodImpl(Protocol):
+    """What a method's implementation (a module or an object) provides."""
+
+    def init(self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any) -> Any: ...
+
+    def apply(self, params: Any, x: jax.Array) -> jax.Array: ...
+
+    def trainable(self, params: Any) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A named linear-layer method.
+
+    ``source`` is the implementation: an object with ``init``/``apply``/``trainable``, or a
+    module name imported on first use. ``fp8`` marks methods that need FP8-GEMM-friendly
+    shapes (every dimension a multiple of 16).
+    """
+
+    name: str
+    source: str | MethodImpl
+    fp8: bool = False
+
+    def impl(self) -> MethodImpl | ModuleType:
+        """The implementation; raises ``ImportError`` naming the method if it is missing."""
+        if not isinstance(self.source, str):
+            return self.source
+        try:
+            return importlib.import_module(self.source)
+        except ModuleNotFoundError as err:
+            if err.name is None or not (self.source + ".").startswith(err.name + "."):
+                raise
+            raise ImportError(
+                f"linear method {self.name!r} is registered but its module {self.source!r} "
+                "is not available"
+            ) from err
+
+    def check(self, out: int, in_features: int, rank: int) -> str | None:
+        """Why a ``(out, in)`` layer cannot use this method at ``rank``; ``None`` if it can."""
+        custom = getattr(self.impl(), "check", None)
+        if custom is not None:
+            return custom(out, in_features, rank)
+        if self.fp8:
+            return melded.check_convertible(out, in_features, rank)
+        return None
+
+    def init(self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any) -> Any:
+        """Convert float32 ``w`` ``(out, in)`` into this method's params pytree.
+
+        Raises ``ValueError`` (naming the method) if :meth:`check` rejects the shape.
+        """
+        if w.ndim != 2:
+            raise ValueError(f"{self.name}: expected a 2-D weight (out, in), got {w.shape}")
+        problem = self.check(w.shape[0], w.shape[1], rank)
+        if problem:
+            raise ValueError(f"{self.name}: {problem}")
+        return self.impl().init(w, rank, alpha=alpha, key=key, dtype=dtype)
+
+    def apply(self, params: Any, x: jax.Array) -> jax.Array:
+        """``(..., in) -> (..., out)`` in ``x``'s dtype, for one (unstacked) layer."""
+        return self.impl().apply(params, x)
+
+    def trainable(self, params: Any) -> Any:
+        """Bool pytree shaped like ``params``: ``True`` where the optimizer trains."""
+        return self.impl().trainable(params)
+
+
+# --------------------------------------------------------------------------------------
+# Built-in implementations.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """A plain weight ``w`` of shape ``(..., out, in)`` in the compute dtype."""
+
+    w: jax.Array
+
+
+_CONTRACT_IN = (((1,), (1,)), ((), ()))  # (T, in) x (out, in) -> (T, out)
+
+
+def dense_apply(params: Dense, x: jax.Array) -> jax.Array:
+    """``x W^T``: ``(..., in) -> (..., out)`` in ``x``'s dtype (``W`` is cast to it)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    y = lax.dot_general(tokens, params.w.astype(x.dtype), _CONTRACT_IN)
+    return y.reshape(x.shape[:-1] + (params.w.shape[0],))
+
+
+@dataclasses.dataclass(frozen=True)
+class _DenseImpl:
+    trained: bool
+
+    def init(self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any) -> Dense:
+        del rank, alpha, key
+        return Dense(w=jnp.asarray(w, dtype))
+
+    def apply(self, params: Dense, x: jax.Array) -> jax.Array:
+        return dense_apply(params, x)
+
+    def trainable(self, params: Dense) -> Dense:
+        return Dense(w=self.trained)
+
+
+class _FalqonImpl:
+    def init(
+        self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any
+    ) -> melded.MeldedLinear:
+        del alpha, key, dtype  # FALQON's scale is folded into its update rule, not ``alpha``
+        return melded.init(w, rank)
+
+    def apply(self, params: melded.MeldedLinear, x: jax.Array) -> jax.Array:
+        return melded.apply(params, x)
+
+    def trainable(self, params: melded.MeldedLinear) -> melded.MeldedLinear:
+        return dataclasses.replace(params, w8=False, scale=False, b=True)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add (or replace) ``method`` in the registry; returns it."""
+    _REGISTRY[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` from the registry (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Method:
+    """The registered method called ``name``; ``ValueError`` listing the names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown linear method {name!r}; available: {', '.join(available())}"
+        ) from None
+
+
+def available() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+FULL = register(Method("full", _DenseImpl(trained=True)))
+FROZEN = register(Method("frozen", _DenseImpl(trained=False)))
+FALQON = register(Method("falqon", _FalqonImpl(), fp8=True))
+register(Method("lora", "falqon_jax.lora"))
+register(Method("fp8_lora", "falqon_jax.fp8_lora", fp8=True))
+register(Method("qlora", "falqon_jax.qlora"))
