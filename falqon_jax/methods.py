@@ -133,12 +133,15 @@ class _DenseImpl:
         return Dense(w=self.trained)
 
 
+@dataclasses.dataclass(frozen=True)
 class _FalqonImpl:
+    a_init: str = "svd"  # "random": the reference code's ablation (needs the layer's key)
+
     def init(
         self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any
     ) -> melded.MeldedLinear:
-        del alpha, key, dtype  # FALQON's scale is folded into its update rule, not ``alpha``
-        return melded.init(w, rank)
+        del alpha, dtype  # FALQON's scale is folded into its update rule, not ``alpha``
+        return melded.init(w, rank, key=key, init=self.a_init)
 
     def apply(self, params: melded.MeldedLinear, x: jax.Array) -> jax.Array:
         return melded.apply(params, x)
@@ -179,6 +182,8 @@ def available() -> list[str]:
 FULL = register(Method("full", _DenseImpl(trained=True)))
 FROZEN = register(Method("frozen", _DenseImpl(trained=False)))
 FALQON = register(Method("falqon", _FalqonImpl(), fp8=True))
+# Ablation: A drawn at random from W's statistics instead of the quantization error's SVD.
+register(Method("falqon_random_a", _FalqonImpl(a_init="random"), fp8=True))
 register(Method("lora", "falqon_jax.lora"))
 register(Method("fp8_lora", "falqon_jax.fp8_lora", fp8=True))
 register(Method("qlora", "falqon_jax.qlora"))

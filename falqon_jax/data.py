@@ -1,0 +1,278 @@
+"""Instruction data: reading, prompt templates, tokenization, loss masks and batching.
+
+Supported files (the format is detected from the records):
+
+* Alpaca JSON -- a JSON list of ``{"instruction", "input", "output"}`` objects (``input`` may
+  be empty or missing), rendered with the Alpaca prompt template;
+* OpenAssistant/Guanaco-style JSONL -- one ``{"text": "### Human: ... ### Assistant: ..."}``
+  per line; the loss covers the assistant turns only;
+* plain JSONL -- one ``{"prompt": ..., "completion": ...}`` per line.
+
+Each example becomes ``(tokens, loss_mask)``: the prompt (source) is truncated to
+``source_len`` tokens and carries no loss, the response (target, ending in EOS) is truncated to
+``target_len`` tokens and carries the loss, as in QLoRA's and FALQON's training code.
+
+Errors in user data raise :class:`DataError` with a one-line message naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+
+
+class DataError(ValueError):
+    """A problem with the user's data set; the message is one line that says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of an example's text and whether the loss covers it."""
+
+    text: str
+    trained: bool
+
+
+Example = list[Segment]
+
+
+# --------------------------------------------------------------------------------------
+# Reading files.
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Read an Alpaca JSON, Guanaco JSONL or prompt/completion JSONL file into examples."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist; pass --data PATH to an existing file")
+    if path.is_dir():
+        raise DataError(f"data path {path} is a directory; pass --data PATH to a JSON/JSONL file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read data file {path}: {err}") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"data file {path} is empty")
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+        numbered = list(enumerate(records, start=1))
+        where = "record"
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: malformed JSON on line {lineno}: {err.msg}") from None
+        where = "line"
+    return [_to_example(record, f"{path} {where} {n}") for n, record in numbered]
+
+
+def _to_example(record: object, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "instruction" in record or "output" in record:
+        return _alpaca(record, where)
+    if "text" in record:
+        return _guanaco(record, where)
+    if "prompt" in record or "completion" in record:
+        prompt, completion = _fields(record, where, "prompt", "completion")
+        return [Segment(prompt, False), Segment(completion, True)]
+    raise DataError(
+        f"{where}: unknown record with keys {sorted(record)}; expected instruction/input/output "
+        "(Alpaca), text (### Human:/### Assistant:) or prompt/completion"
+    )
+
+
+def _fields(record: dict, where: str, *names: str) -> list[str]:
+    values = []
+    for name in names:
+        value = record.get(name)
+        if not isinstance(value, str):
+            problem = "is missing" if value is None else f"is {type(value).__name__}, not text"
+            raise DataError(f"{where}: field '{name}' {problem}")
+        values.append(value)
+    return values
+
+
+def _alpaca(record: dict, where: str) -> Example:
+    instruction, output = _fields(record, where, "instruction", "output")
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: field 'input' is {type(extra).__name__}, not text")
+    template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
+    prompt = template.format(instruction=instruction, input=extra)
+    return [Segment(prompt, False), Segment(output, True)]
+
+
+def _guanaco(record: dict, where: str) -> Example:
+    (text,) = _fields(record, where, "text")
+    if ASSISTANT not in text:
+        raise DataError(f"{where}: 'text' has no '{ASSISTANT}' turn to train on")
+    segments: list[Segment] = []
+    rest = text
+    while rest:
+        start = rest.find(ASSISTANT)
+        if start < 0:
+            segments.append(Segment(rest, False))
+            break
+        head = start + len(ASSISTANT)
+        segments.append(Segment(rest[:head], False))
+        end = rest.find(HUMAN, head)
+        end = len(rest) if end < 0 else end
+        segments.append(Segment(rest[head:end], True))
+        rest = rest[end:]
+    return [s for s in segments if s.text]
+
+
+# --------------------------------------------------------------------------------------
+# Tokenization.
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One example: int32 token ids and a float32 loss mask of the same length (1 = trained).
+
+    ``mask[i]`` refers to predicting ``tokens[i]`` from the tokens before it.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    truncated: bool
+
+
+def tokenize_example(
+    example: Example,
+    encode: Callable[[str], list[int]],
+    *,
+    bos_id: int | None,
+    eos_id: int | None,
+    source_len: int,
+    target_len: int,
+) -> Tokenized:
+    """Tokenize segments; the untrained (source) part keeps its first ``source_len`` tokens
+    (BOS included) and the trained (target) part, EOS appended, its first ``target_len``."""
+    # Later untrained turns of a multi-turn chat stay in the target part, masked.
+    tokens, mask = _interleave(example, encode, bos_id, eos_id)
+    first_trained = int(np.argmax(mask)) if mask.any() else len(tokens)
+    src_tokens, src_mask = tokens[:first_trained], mask[:first_trained]
+    tgt_tokens, tgt_mask = tokens[first_trained:], mask[first_trained:]
+    truncated = len(src_tokens) > source_len or len(tgt_tokens) > target_len
+    tokens = np.concatenate([src_tokens[:source_len], tgt_tokens[:target_len]])
+    mask = np.concatenate([src_mask[:source_len], tgt_mask[:target_len]])
+    return Tokenized(tokens.astype(np.int32), mask.astype(np.float32), truncated)
+
+
+def _interleave(example, encode, bos_id, eos_id) -> tuple[np.ndarray, np.ndarray]:
+    tokens: list[int] = [] if bos_id is None else [bos_id]
+    mask: list[float] = [0.0] * len(tokens)
+    for segment in example:
+        ids = encode(segment.text)
+        if segment.trained and eos_id is not None:
+            ids = ids + [eos_id]
+        tokens.extend(ids)
+        mask.extend([1.0 if segment.trained else 0.0] * len(ids))
+    return np.asarray(tokens, np.int64), np.asarray(mask, np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Splitting and batching.
+
+
+def split(items: Sequence, eval_size: int, seed: int) -> tuple[list, list]:
+    """Deterministic shuffle by ``seed``, then ``(train, held_out)`` with ``eval_size`` held out."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    held = [items[i] for i in order[:eval_size]]
+    train = [items[i] for i in order[eval_size:]]
+    return train, held
+
+
+@dataclass(frozen=True)
+class Batch:
+    """``tokens`` int32 ``[B, L]``, ``mask`` float32 ``[B, L]`` (loss), ``attention`` int32
+    ``[B, L]`` (1 for real tokens, 0 for right padding). ``L`` is a length bucket."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    attention: np.ndarray
+
+
+def bucket_length(longest: int, minimum: int, maximum: int) -> int:
+    """The padded length for a batch whose longest example has ``longest`` tokens: the next
+    power of two, clipped to ``[minimum, maximum]``. Few distinct lengths mean few compiled
+    programs."""
+    return min(max(minimum, 1 << max(longest - 1, 0).bit_length()), max(maximum, longest))
+
+
+def collate(examples: Sequence[Tokenized], pad_id: int, buckets: tuple[int, int]) -> Batch:
+    """Right-pad examples to :func:`bucket_length` (``buckets = (minimum, maximum)``) of the
+    batch's longest example."""
+    length = bucket_length(max(len(e.tokens) for e in examples), *buckets)
+    tokens = np.full((len(examples), length), pad_id, np.int32)
+    mask = np.zeros((len(examples), length), np.float32)
+    attention = np.zeros((len(examples), length), np.int32)
+    for row, e in enumerate(examples):
+        n = len(e.tokens)
+        tokens[row, :n], mask[row, :n], attention[row, :n] = e.tokens, e.mask, 1
+    return Batch(tokens, mask, attention)
+
+
+def length_grouped_batches(
+    examples: Sequence[Tokenized], batch_size: int, seed: int, epoch: int, group: int = 16
+) -> list[list[int]]:
+    """Index batches for one epoch: shuffle by ``(seed, epoch)``, sort windows of
+    ``group * batch_size`` examples by length (less padding), cut into batches, and shuffle the
+    batch order. The last incomplete batch is dropped. Deterministic."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(examples))
+    window = group * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i].tokens))
+        batches.extend(
+            [int(i) for i in chunk[j : j + batch_size]]
+            for j in range(0, len(chunk) - batch_size + 1, batch_size)
+        )
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_stream(
+    examples: Sequence[Tokenized], batch_size: int, seed: int, *, pad_id: int,
+    buckets: tuple[int, int],
+    start_step: int = 0,
+) -> Iterator[Batch]:
+    """Endless, deterministic stream of batches, beginning at global batch ``start_step``
+    (so a resumed run sees exactly the batches the uninterrupted run would have)."""
+    if len(examples) < batch_size:
+        raise DataError(
+            f"only {len(examples)} training examples for batch size {batch_size}; "
+            "lower --batch-size or add data"
+        )
+    per_epoch = len(length_grouped_batches(examples, batch_size, seed, 0))
+    epoch, offset = divmod(start_step, per_epoch)
+    while True:
+        for indices in length_grouped_batches(examples, batch_size, seed, epoch)[offset:]:
+            yield collate([examples[i] for i in indices], pad_id, buckets)
+        epoch, offset = epoch + 1, 0

@@ -1,0 +1,386 @@
+"""``python -m falqon_jax.train``: fine-tune a LLaMA with FALQON or a baseline.
+
+With no arguments it runs the built-in demo on the CPU. ``--help`` lists the flags; see
+:mod:`falqon_jax.train_config` for defaults and recipes. Mistakes in the input (flags, data,
+checkpoints, output directory) end with one line on stderr and exit code 2; a non-finite
+loss stops the run with exit code 3, keeping the last good checkpoint; Ctrl-C saves a
+checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from falqon_jax.data import DataError
+from falqon_jax.train_config import ConfigError, TrainConfig, resolve
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; reported as one line without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, resume = resolve(argv)
+        return run(config, resume)
+    except (ConfigError, DataError, UserError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------------------
+# Preparing a run.
+
+
+@dataclass
+class Prepared:
+    config: TrainConfig
+    model: Any
+    tokenizer: Any
+    train: list
+    held_out: list
+    held_out_examples: list
+    truncated: int
+    dropped: int
+
+
+def check_out_dir(config: TrainConfig, resume: bool) -> None:
+    """Refuse to mix runs: nothing in ``--out`` is ever overwritten by a different run."""
+    from falqon_jax.checkpoints import has_checkpoints
+
+    out = Path(config.out)
+    saved = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory")
+    if resume:
+        if not has_checkpoints(out):
+            raise UserError(f"--resume: no checkpoint in {out}; start without --resume")
+        previous = json.loads(saved.read_text()) if saved.exists() else {}
+        mismatched = [
+            f"{k}={previous.get(k)!r} (now {v!r})"
+            for k, v in config.identity().items() if previous.get(k) != v
+        ]
+        if mismatched:
+            raise UserError(
+                f"--resume: the checkpoint in {out} is from a different run: "
+                + ", ".join(mismatched[:4])
+            )
+    elif saved.exists() or has_checkpoints(out):
+        raise UserError(
+            f"--out {out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+
+
+def load_tokenizer(config: TrainConfig) -> Any:
+    if config.is_demo:
+        from falqon_jax.demo_data import CharTokenizer
+
+        return CharTokenizer()
+    source = config.tokenizer or (config.model if Path(config.model).is_dir() else None)
+    if source is None:
+        raise UserError(
+            f"--model {config.model} is a model card without a tokenizer: pass --tokenizer DIR"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load a tokenizer from {source}: {first}") from None
+
+
+def load(config: TrainConfig) -> Any:
+    from falqon_jax import load_model
+
+    method = config.method
+    if method == "falqon" and config.init_a == "random":
+        method = "falqon_random_a"
+    try:
+        return load_model(
+            config.model, method=method, rank=config.rank, alpha=config.alpha,
+            dtype=config.dtype, targets=config.targets, init=config.init, seed=config.seed,
+            remat=config.remat,
+        )
+    except (ValueError, OSError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+
+
+def check_model_limits(config: TrainConfig, model: Any, tokenizer: Any) -> None:
+    import jax
+
+    from falqon_jax.melded import is_melded
+
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+    if vocab > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {vocab} tokens but the model only {model.config.vocab_size}; "
+            "pass the checkpoint's own tokenizer with --tokenizer"
+        )
+    melded = [leaf for leaf in jax.tree.leaves(model.params, is_leaf=is_melded) if is_melded(leaf)]
+    if config.method == "falqon" and not melded:
+        raise UserError("no layer of this model could be converted to FALQON (dims % 16 != 0)")
+    if melded:
+        smallest = min(leaf.out for leaf in melded)
+        if config.top_k > smallest:
+            raise UserError(
+                f"--top-k {config.top_k} exceeds the {smallest} rows of the smallest melded "
+                "layer; lower --top-k"
+            )
+
+
+def check_model_source(config: TrainConfig) -> None:
+    """Fail fast on an unknown card or a directory that is not a LLaMA checkpoint."""
+    from falqon_jax.config import LlamaConfig, load_card
+
+    path = Path(config.model)
+    try:
+        if path.is_dir():
+            LlamaConfig.from_hf(path)
+        elif path.exists():
+            raise UserError(f"--model {config.model} is a file, not a checkpoint directory")
+        else:
+            load_card(config.model)
+    except (ValueError, OSError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    from falqon_jax import data
+
+    check_model_source(config)
+
+    if config.is_demo:
+        from falqon_jax.demo_data import make_examples
+
+        train_ex, held_ex = make_examples()
+    else:
+        train_ex, held_ex = data.split(data.read_examples(config.data), config.eval_size,
+                                       config.seed)
+
+    def has_response(example) -> bool:
+        return any(s.trained and s.text.strip() for s in example)
+
+    kept = [e for e in train_ex if has_response(e)]
+    held_kept = [e for e in held_ex if has_response(e)]
+    dropped = len(train_ex) - len(kept)
+    if not kept:
+        raise DataError(f"no training examples left in {config.data} after filtering out "
+                        f"{dropped} with empty responses and {len(held_ex)} held out")
+    if len(kept) < config.batch_size:
+        raise DataError(f"only {len(kept)} training examples for --batch-size "
+                        f"{config.batch_size}; lower --batch-size or add data")
+    tokenizer = load_tokenizer(config)
+    model = load(config)
+    check_model_limits(config, model, tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False) if not config.is_demo \
+            else tokenizer.encode(text)
+
+    def tokenize(items):
+        out = [data.tokenize_example(e, encode, bos_id=tokenizer.bos_token_id,
+                                     eos_id=tokenizer.eos_token_id, source_len=config.source_len,
+                                     target_len=config.target_len) for e in items]
+        return out, sum(t.truncated for t in out)
+
+    train, truncated = tokenize(kept)
+    held_out, _ = tokenize(held_kept)
+    return Prepared(config, model, tokenizer, train, held_out, held_kept, truncated, dropped)
+
+
+# --------------------------------------------------------------------------------------
+# The training loop.
+
+
+def length_buckets(config: TrainConfig) -> tuple[int, int]:
+    """Padded batch lengths: powers of two from 64 up to the longest possible example."""
+    longest = -(-(config.source_len + config.target_len) // 16) * 16
+    return min(64, longest), longest
+
+
+def evaluate(trainer, params, held_out, config: TrainConfig, pad_id: int) -> float | None:
+    from falqon_jax.data import collate
+
+    if not held_out:
+        return None
+    total, count = 0.0, 0.0
+    for start in range(0, len(held_out), config.batch_size):
+        batch = collate(held_out[start:start + config.batch_size], pad_id,
+                        length_buckets(config))
+        s, n = trainer.eval_step(params, batch.tokens, batch.mask, batch.attention)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def run(config: TrainConfig, resume: bool) -> int:
+    check_out_dir(config, resume)
+    prep = prepare(config)
+    import jax
+    from tqdm import tqdm
+
+    from falqon_jax.checkpoints import CheckpointStore
+    from falqon_jax.data import batch_stream
+    from falqon_jax.trainer import Trainer
+
+    model, tok = prep.model, prep.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def forward(params, tokens, attention):
+        return model.module.apply({"params": params}, tokens, attention)
+
+    trainer = Trainer(config, forward, model.trainable())
+    state = trainer.init_state(model.params)
+    store = CheckpointStore(out, config.keep_checkpoints)
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    if resume:
+        start = store.latest_step()
+        state = store.restore(start, state)
+        _truncate_metrics(metrics_path, start)
+    else:
+        (out / "config.json").write_text(config.to_json() + "\n")
+    say = tqdm.write
+    source = "built-in demo data" if config.is_demo else config.data
+    say(f"falqon-jax: {config.method} on {config.model} ({source}), "
+        f"{len(prep.train)} train / {len(prep.held_out)} held-out examples, "
+        f"{prep.truncated} truncated, {prep.dropped} dropped; steps {start}->{config.steps}; "
+        f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
+
+    def meta(step: int) -> dict[str, Any]:
+        return {"identity": config.identity(), "step": step, "data_position": step}
+
+    stream = batch_stream(prep.train, config.batch_size, config.seed, pad_id=pad_id,
+                          buckets=length_buckets(config), start_step=start)
+    log = metrics_path.open("a")
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    step = start
+    last_eval = None
+    stop = _StopFlag()
+    try:
+        while step < config.steps:
+            if stop.requested:
+                raise KeyboardInterrupt
+            batch = next(stream)
+            began = time.perf_counter()
+            new_state, metrics = trainer.train_step(state, batch.tokens, batch.mask,
+                                                    batch.attention)
+            loss = float(metrics["loss"])
+            elapsed = time.perf_counter() - began
+            if not math.isfinite(loss):
+                bar.close()
+                print(f"error: non-finite loss ({loss}) at step {step + 1}; stopped. The last "
+                      f"good checkpoint is in {store.directory} (lower --lr or check the data)",
+                      file=sys.stderr)
+                return EXIT_DIVERGED
+            state, step = new_state, step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            record = None
+            if step % config.log_every == 0 or step == config.steps:
+                record = {"step": step, "loss": loss, "lr": float(metrics["lr"]),
+                          "grad_norm": float(metrics["grad_norm"]),
+                          "tokens_per_s": float(metrics["tokens"]) / elapsed,
+                          "step_time_s": elapsed}
+            if step % config.eval_every == 0 or step == config.steps:
+                last_eval = evaluate(trainer, state.params, prep.held_out, config, pad_id)
+                if last_eval is not None:
+                    record = (record or {"step": step}) | {"eval_loss": last_eval}
+                    say(f"step {step}: train loss {loss:.4f}, eval loss {last_eval:.4f}")
+            if record is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if step % config.save_every == 0 or step == config.steps:
+                store.save(step, state, meta(step))
+    except KeyboardInterrupt:
+        bar.close()
+        if not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)):
+            store.save(step, state, meta(step))
+            print(f"\ninterrupted: saved step {step} to {store.directory}; continue with --resume",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted mid-step; the last checkpoint in {store.directory} is intact",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        stop.restore()
+        log.close()
+        store.close()
+    bar.close()
+    model.params = state.params
+    report_samples(prep, model, last_eval)
+    return 0
+
+
+class _StopFlag:
+    """The first Ctrl-C asks the loop to stop after the current step (and save); a second
+    one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def report_samples(prep: Prepared, model: Any, eval_loss: float | None) -> None:
+    """Print the final held-out metrics and a sample generation."""
+    from falqon_jax.generation import generate
+
+    config, tok = prep.config, prep.tokenizer
+    if eval_loss is not None:
+        print(f"held-out loss: {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
+    if not prep.held_out_examples or config.sample_tokens == 0:
+        return
+    cases = prep.held_out_examples[: 64 if config.is_demo else 1]
+
+    def encode(text: str) -> list[int]:
+        ids = tok.encode(text) if config.is_demo else tok.encode(text, add_special_tokens=False)
+        return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+    prompts = [encode("".join(s.text for s in ex if not s.trained))[: config.source_len]
+               for ex in cases]
+    outs = generate(model.module, model.params, prompts, config.sample_tokens,
+                    eos_id=tok.eos_token_id, pad_id=0)
+    texts = [tok.decode(o, skip_special_tokens=True) if not config.is_demo else tok.decode(o)
+             for o in outs]
+    if config.is_demo:
+        want = ["".join(s.text for s in ex if s.trained) for ex in cases]
+        exact = np.mean([t.strip() == w for t, w in zip(texts, want, strict=True)])
+        print(f"held-out exact match: {exact:.0%} of {len(cases)} prompts (greedy)")
+    prompt_text = "".join(s.text for s in cases[0] if not s.trained)
+    print(f"sample: {prompt_text!r} -> {texts[0]!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

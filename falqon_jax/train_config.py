@@ -1,0 +1,218 @@
+"""Training configuration: defaults (the paper's, or the built-in demo's), recipes and flags.
+
+Precedence, lowest first: defaults < ``--recipe FILE.toml`` < command-line flags. With no
+``--model``, ``--data`` or ``--recipe`` the defaults are the demo's (the ``tiny`` card on the
+built-in data set), so ``python -m falqon_jax.train --steps 30`` runs 30 steps of the demo.
+Otherwise they follow the FALQON paper's LLaMA-7B setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
+DEMO_DATA = "demo"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message is one line saying what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run (written to ``OUT/config.json``)."""
+
+    model: str = "llama-7b"
+    data: str = ""
+    tokenizer: str | None = None
+    method: str = "falqon"
+    rank: int = 64
+    alpha: float = 16.0
+    top_k: int = 10
+    reset: str = "merged"
+    init_a: str = "svd"
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    lr: float = 2e-3
+    schedule: str = "constant"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    beta2: float = 0.999
+    max_grad_norm: float = 3.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int = 1875
+    source_len: int = 16
+    target_len: int = 512
+    eval_size: int = 100
+    seed: int = 0
+    dtype: str = "bfloat16"
+    remat: bool = True
+    init: str | None = None
+    out: str = "runs/falqon"
+    save_every: int = 500
+    eval_every: int = 250
+    log_every: int = 10
+    keep_checkpoints: int = 3
+    sample_tokens: int = 32
+    mesh: str = ""
+
+    @property
+    def is_demo(self) -> bool:
+        return self.data == DEMO_DATA
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def identity(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the run it continues."""
+        keys = ("model", "method", "rank", "alpha", "top_k", "reset", "init_a", "targets",
+                "dtype", "data", "seed", "batch_size", "grad_accum", "source_len",
+                "target_len", "eval_size")
+        return {k: _jsonable(getattr(self, k)) for k in keys}
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+PAPER = TrainConfig()
+DEMO = dataclasses.replace(
+    PAPER,
+    model="tiny",
+    data=DEMO_DATA,
+    init="random",
+    rank=16,
+    lr=2e-2,
+    batch_size=16,
+    steps=1000,
+    source_len=32,
+    target_len=32,
+    eval_size=10,
+    dtype="float32",
+    remat=False,
+    targets=("q", "k", "v", "o", "gate", "up", "down", "lm_head"),
+    out="runs/demo",
+    save_every=500,
+    eval_every=250,
+    log_every=50,
+    sample_tokens=26,
+)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m falqon_jax.train",
+        description="Fine-tune a LLaMA with FALQON (or a baseline). With no arguments: the "
+        "built-in CPU demo. Flags override the defaults (the demo's, or the paper's once "
+        "--model, --data or --recipe is given) one by one.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add = p.add_argument
+    add("--recipe", help="TOML file of settings (keys are flag names with underscores)")
+    add("--model", help="model card name (models/NAME.toml) or Hugging Face checkpoint dir")
+    add("--data", help=f"Alpaca JSON / Guanaco JSONL / prompt-completion JSONL, or '{DEMO_DATA}'")
+    add("--tokenizer", help="tokenizer directory (default: the checkpoint directory)")
+    add("--method", choices=METHODS)
+    add("--rank", type=int, help="adapter rank (paper: 64)")
+    add("--alpha", type=float, help="LoRA alpha for the LoRA baselines (paper: 16)")
+    add("--top-k", type=int, help="FALQON rows merged per matrix per step (paper: 10)")
+    add("--reset", choices=("merged", "all"), help="FALQON buffer reset after a merge")
+    add("--init-a", choices=("svd", "random"), help="FALQON's A: SVD of the quantization error")
+    add("--targets", help="comma-separated layers to adapt: q,k,v,o,gate,up,down[,lm_head]")
+    add("--lr", type=float, help="peak learning rate (paper: 2e-3)")
+    add("--schedule", choices=("constant", "cosine", "linear"), help="after warm-up")
+    add("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (paper: 0.03)")
+    add("--weight-decay", type=float, help="AdamW weight decay (paper: 0)")
+    add("--beta2", type=float, help="AdamW beta2 (paper: 0.999)")
+    add("--max-grad-norm", type=float, help="global-norm gradient clipping (paper: 3.0)")
+    add("--batch-size", type=int, help="examples per optimizer step (paper: 16)")
+    add("--grad-accum", type=int, help="micro-batches per step; batch-size must divide by it")
+    add("--steps", type=int, help="optimizer steps (paper: 1875)")
+    add("--source-len", type=int, help="max prompt tokens (paper: 16)")
+    add("--target-len", type=int, help="max response tokens (paper: 512)")
+    add("--eval-size", type=int, help="held-out examples for eval loss")
+    add("--seed", type=int)
+    add("--dtype", choices=("bfloat16", "float32"), help="compute dtype")
+    add("--remat", action=argparse.BooleanOptionalAction, help="gradient checkpointing")
+    add("--init", choices=("random",), help="random weights (for a card without a checkpoint)")
+    add("--out", help="output directory: metrics.jsonl, config.json, checkpoints/")
+    add("--save-every", type=int, help="checkpoint every N steps (and at the end)")
+    add("--eval-every", type=int, help="eval loss every N steps (and at the end)")
+    add("--log-every", type=int, help="write a metrics line every N steps")
+    add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep")
+    add("--sample-tokens", type=int, help="tokens generated for the final sample")
+    add("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: all devices on fsdp)")
+    add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    return p
+
+
+def resolve(argv: list[str] | None) -> tuple[TrainConfig, bool]:
+    """Parse flags into a validated :class:`TrainConfig` and the ``--resume`` flag."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    resume = bool(args.pop("resume", False))
+    recipe = args.pop("recipe", None)
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        values.update(_read_recipe(recipe))
+    values.update(args)
+    base = PAPER if ({"model", "data"} & values.keys() or recipe) else DEMO
+    if "targets" in values and isinstance(values["targets"], str):
+        values["targets"] = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
+    elif "targets" in values:
+        values["targets"] = tuple(values["targets"])
+    config = dataclasses.replace(base, **values)
+    validate(config)
+    return config, resume
+
+
+def _read_recipe(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"recipe {path} does not exist; see train/ for examples")
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {path} is not valid TOML: {err}") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS or name == "resume":
+            raise ConfigError(f"recipe {path}: unknown setting '{key}'")
+        values[name] = value
+    return values
+
+
+def validate(c: TrainConfig) -> None:
+    """Range checks that need no model; model-dependent checks happen after loading."""
+    positive = ("rank", "top_k", "batch_size", "grad_accum", "steps", "source_len", "target_len",
+                "save_every", "eval_every", "log_every", "keep_checkpoints")
+    for name in positive:
+        value = getattr(c, name)
+        if value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if c.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {c.lr}")
+    if not 0 <= c.warmup_ratio < 1:
+        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
+    if c.max_grad_norm < 0 or c.weight_decay < 0 or not 0 < c.beta2 < 1:
+        raise ConfigError("--max-grad-norm and --weight-decay must be >= 0, --beta2 in (0, 1)")
+    if c.eval_size < 0 or c.sample_tokens < 0:
+        raise ConfigError("--eval-size and --sample-tokens must be >= 0")
+    if c.batch_size % c.grad_accum:
+        raise ConfigError(
+            f"--batch-size {c.batch_size} must be divisible by --grad-accum {c.grad_accum}"
+        )
+    known = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
+    unknown = set(c.targets) - known
+    if unknown or not c.targets:
+        raise ConfigError(f"--targets must name layers from {sorted(known)}, got {list(c.targets)}")
+    if not c.data:
+        raise ConfigError("--data is required with --model: pass an instruction data file")

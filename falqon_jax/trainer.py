@@ -1,0 +1,170 @@
+"""The jit-compiled training step: loss, gradient accumulation, optimizer, FALQON merges.
+
+Gradients are taken with respect to the *trainable* leaves only (``partition`` splits the
+params by the model's trainable mask), so frozen FP8/NF4 weights never get gradients,
+optimizer moments or accumulators. For FALQON, :func:`falqon_jax.optax.falqon_update` then
+turns the optimizer's update of each melded layer's ``b`` into top-k row merges of the FP8
+weight, which :func:`apply_updates` writes in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from falqon_jax.optax import falqon_update
+from falqon_jax.train_config import TrainConfig
+
+
+def partition(params: Any, mask: Any) -> tuple[Any, Any]:
+    """Split ``params`` into ``(trainable, frozen)`` trees; absent leaves are ``None``."""
+    trainable = jax.tree.map(lambda m, p: p if m else None, mask, params)
+    frozen = jax.tree.map(lambda m, p: None if m else p, mask, params)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of :func:`partition`."""
+    return jax.tree.map(
+        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+    )
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``optax.apply_updates`` that skips ``None`` updates (leaves left out of the gradient)."""
+    return jax.tree.map(
+        lambda p, u: p if u is None else jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
+        params, updates, is_leaf=lambda x: x is None,
+    )
+
+
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 over ``warmup_ratio * steps``, then constant/cosine/linear."""
+    warmup = int(round(config.warmup_ratio * config.steps))
+    rest = max(config.steps - warmup, 1)
+    if config.schedule == "constant":
+        after = optax.constant_schedule(config.lr)
+    elif config.schedule == "cosine":
+        after = optax.cosine_decay_schedule(config.lr, rest)
+    else:
+        after = optax.linear_schedule(config.lr, 0.0, rest)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Clipping + AdamW over the trainable leaves (the paper's optimizer)."""
+    parts = []
+    if config.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(optax.adamw(learning_rate(config), b1=0.9, b2=config.beta2,
+                             weight_decay=config.weight_decay))
+    return optax.chain(*parts)
+
+
+# optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+class TrainState(NamedTuple):
+    """Everything a checkpoint holds: params (FP8 weights included), optimizer state
+    (FALQON proxy buffers included) and the step counter."""
+
+    params: Any
+    opt_state: Any
+    falqon_state: Any
+    step: jax.Array
+
+
+def token_loss_sum(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum of next-token cross-entropies where ``mask`` is 1 (float32 scalar).
+
+    logits float32 ``[B, L, V]``; tokens int32 ``[B, L]``; mask float32 ``[B, L]`` where
+    ``mask[:, i]`` weights the prediction of ``tokens[:, i]`` from the tokens before it.
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -jnp.sum(picked * mask[:, 1:])
+
+
+class Trainer:
+    """Builds the initial state and the jitted train/eval steps for one model and config.
+
+    ``forward(params, tokens, attention) -> logits`` is the model; ``mask`` its trainable
+    mask (a bool tree shaped like the params).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        forward: Callable[[Any, jax.Array, jax.Array], jax.Array],
+        mask: Any,
+    ) -> None:
+        self.config = config
+        self.forward = forward
+        self.mask = mask
+        self.optimizer = make_optimizer(config)
+        self.merge = None
+        if config.method == "falqon":
+            self.merge = falqon_update(config.top_k, reset=config.reset)
+        self.schedule = learning_rate(config)
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self.eval_step = jax.jit(self._eval_sums)
+
+    def init_state(self, params: Any) -> TrainState:
+        trainable, _ = partition(params, self.mask)
+        opt_state = self.optimizer.init(trainable)
+        falqon_state = self.merge.init(params) if self.merge is not None else ()
+        return TrainState(params, opt_state, falqon_state, jnp.zeros((), jnp.int32))
+
+    def _loss_sum(self, trainable, frozen, tokens, mask, attention):
+        logits = self.forward(combine(trainable, frozen), tokens, attention)
+        return token_loss_sum(logits, tokens, mask)
+
+    def _train_step(self, state: TrainState, tokens, mask, attention):
+        """One optimizer step on a batch ``[B, L]`` split into ``grad_accum`` micro-batches.
+
+        Returns the new state and metrics (mean token loss, gradient norm, learning rate).
+        """
+        accum = self.config.grad_accum
+        trainable, frozen = partition(state.params, self.mask)
+        count = jnp.maximum(jnp.sum(mask[:, 1:]), 1.0)
+
+        def micro(args):
+            return args.reshape((accum, args.shape[0] // accum) + args.shape[1:])
+
+        grad_fn = jax.value_and_grad(self._loss_sum)
+
+        def accumulate(carry, batch):
+            loss_sum, grads = carry
+            value, g = grad_fn(trainable, frozen, *batch)
+            return (loss_sum + value, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (loss_sum, grads), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros),
+            (micro(tokens), micro(mask), micro(attention)),
+        )
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+        falqon_state = state.falqon_state
+        if self.merge is not None:  # b's update -> top-k row merges into the FP8 weights
+            updates, falqon_state = self.merge.update(updates, falqon_state, state.params)
+        params = apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / count,
+            "grad_norm": _global_norm(grads),
+            "lr": self.schedule(state.step),
+            "tokens": jnp.sum(attention),
+        }
+        return TrainState(params, opt_state, falqon_state, state.step + 1), metrics
+
+    def _eval_sums(self, params, tokens, mask, attention):
+        """``(loss_sum, token_count)`` on one batch."""
+        logits = self.forward(params, tokens, attention)
+        return token_loss_sum(logits, tokens, mask), jnp.sum(mask[:, 1:])

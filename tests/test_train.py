@@ -1,0 +1,213 @@
+"""The training CLI: demo, outputs, exact resume, divergence, Ctrl-C and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from falqon_jax.train import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+ALPACA = SHARED / "data" / "alpaca_data_1k.json"
+LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama"
+QUICK = ["--save-every", "1000", "--eval-every", "1000", "--sample-tokens", "4"]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_demo_writes_metrics_config_and_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = _run(capsys, "--steps", 20, "--out", out, "--log-every", 5,
+                           "--eval-every", 10, "--save-every", 10)
+    assert code == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s", "step_time_s"} <= r.keys()
+        assert np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert "eval_loss" in rows[1] and "eval_loss" in rows[3] and "eval_loss" not in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "falqon" and config["model"] == "tiny" and config["steps"] == 20
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "10", "20"]
+    assert "held-out loss" in stdout and "sample:" in stdout
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
+    common = ["--log-every", 1, "--grad-accum", 2, *QUICK]
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    assert _run(capsys, "--steps", 12, "--out", whole, *common)[0] == 0
+    assert _run(capsys, "--steps", 6, "--out", half, *common)[0] == 0
+    assert _run(capsys, "--steps", 12, "--out", half, "--resume", *common)[0] == 0
+    a, b = _metrics(whole), _metrics(half)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+    import jax
+    import orbax.checkpoint as ocp
+
+    reader = ocp.PyTreeCheckpointer()
+    leaves = [jax.tree.leaves(reader.restore(d / "checkpoints" / "12" / "state"))
+              for d in (whole, half)]
+    assert len(leaves[0]) == len(leaves[1])
+    for x, y in zip(*leaves, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "--method", "full", "--lr", 1e8, "--warmup-ratio", 0,
+                        "--steps", 20, "--save-every", 1, "--out", out, "--sample-tokens", 0)
+    assert code == 3 and "non-finite loss" in err
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) < 20
+    # What was kept is finite and resumable.
+    code, _, err = _run(capsys, "--method", "full", "--lr", 1e-3, "--warmup-ratio", 0,
+                        "--steps", max(steps) + 1, "--save-every", 1, "--out", out, "--resume",
+                        "--sample-tokens", 0)
+    assert code != 2, err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "falqon_jax.train", "--steps", "100000", "--out", str(out),
+           "--log-every", "1", *map(str, QUICK)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 200):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert b"saved step" in err and b"Traceback" not in err
+    saved = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and max(saved) >= 1
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A small randomly initialised LLaMA with the real 32000-token vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("hf") / "model"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_fine_tunes_a_checkpoint_on_alpaca(tmp_path, capsys, hf_checkpoint):
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, "--model", hf_checkpoint, "--tokenizer", LLAMA_TOKENIZER,
+                             "--data", ALPACA, "--rank", 16, "--batch-size", 4, "--steps", 3,
+                             "--target-len", 32, "--eval-size", 8, "--out", out, "--log-every",
+                             1, "--dtype", "float32", *QUICK)
+    assert code == 0, err
+    assert "992 train / 8 held-out" in err + stdout
+    # source-len 16 (the paper's) truncates every Alpaca prompt; the log counts them.
+    assert "992 truncated" in err + stdout
+    assert len(_metrics(out)) == 3
+
+
+def _bad_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (lambda t: ["--data", t / "missing.json"], "does not exist"),
+        (lambda t: ["--data", _bad_file(t, "b.json", '[{"instruction": "a", "output": "b"},\n{')],
+         "line 2"),
+        (lambda t: ["--data", _bad_file(t, "f.json", '[{"instruction": "a"}]')],
+         "'output' is missing"),
+        (lambda t: ["--data", _bad_file(t, "e.jsonl", '{"prompt": "a", "completion": " "}\n')],
+         "no training examples left"),
+        (lambda t: ["--model", "llama-99b", "--data", ALPACA], "unknown model card"),
+        (lambda t: ["--model", _bad_file(t, "config.json", '{"model_type": "bert"}').parent,
+                    "--data", ALPACA], "not a LLaMA"),
+        (lambda t: ["--rank", 0], "--rank must be positive"),
+        (lambda t: ["--top-k", 64], "--top-k 64 exceeds"),
+        (lambda t: ["--lr", -1], "--lr must be positive"),
+        (lambda t: ["--batch-size", 6, "--grad-accum", 4], "divisible"),
+        (lambda t: ["--resume"], "no checkpoint"),
+    ],
+    ids=["missing-data", "malformed-json", "missing-field", "empty-after-filter",
+         "unknown-card", "not-llama-dir", "rank", "top-k", "lr", "accum", "resume-nothing"],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, make_args,
+                                                            message):
+    out = tmp_path / "out"
+    args = [str(a) for a in make_args(tmp_path)]
+    if "--data" in args and "--model" not in args:
+        args += ["--model", "tiny", "--init", "random", "--tokenizer", str(LLAMA_TOKENIZER)]
+    code, _, err = _run(capsys, *args, "--out", out, "--steps", 2)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_out_dir_with_another_run_is_refused_and_resume_checks_identity(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(capsys, "--steps", 2, "--out", out, *QUICK)[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, _, err = _run(capsys, "--steps", 2, "--out", out, "--rank", 8)
+    assert code == 2 and "already holds a run" in err
+    code, _, err = _run(capsys, "--steps", 4, "--out", out, "--resume", "--method", "lora")
+    assert code == 2 and "different run" in err and "method" in err
+    code, _, err = _run(capsys, "--steps", 4, "--out", out, "--resume", "--rank", 8)
+    assert code == 2 and "rank" in err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_user_errors_print_no_traceback_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "falqon_jax.train", "--data", str(tmp_path / "nope.json"),
+         "--model", "tiny", "--init", "random", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: data file {tmp_path / 'nope.json'} does not exist; pass --data PATH to an "
+        "existing file"]
+
+
+def test_every_recipe_parses():
+    from falqon_jax.train_config import resolve
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "train").glob("*.toml"))
+    assert len(recipes) == 16
+    for recipe in recipes:
+        config, resume = resolve(["--recipe", str(recipe)])
+        assert not resume and config.steps == 1875 and config.lr == 2e-3 and config.top_k == 10
+        assert recipe.stem.endswith(config.method) and not config.is_demo
+
+
+def test_flags_override_the_demo_one_by_one():
+    from falqon_jax.train_config import DEMO, resolve
+
+    config, _ = resolve(["--steps", "30", "--out", "somewhere"])
+    assert config.is_demo and config.steps == 30 and config.out == "somewhere"
+    assert config.lr == DEMO.lr and config.model == "tiny"
