@@ -203,7 +203,13 @@ def _select_and_reset(
       (``Buf[K] @ A / scale == Buf[K] @ A8``), and the buffer after the reset.
     """
     row_norms = jnp.sum(jnp.abs(buffer), axis=-1)  # (..., out)
-    _, rows = jax.lax.top_k(row_norms, k)
+    # Rank by the norms rounded to 10 significant bits, ties to the lower row index (a
+    # stable sort; a top_k partitioned over a sharded axis breaks ties differently). Rows
+    # within ~0.1% of each other are interchangeable for the method, and this keeps the
+    # choice independent of float32 summation order, i.e. of the device layout. Right after
+    # Adam's first step, whose updates all have magnitude lr, nearly every row ties.
+    coarse = _round_mantissa(row_norms, 10)
+    rows = jnp.argsort(-coarse, axis=-1, stable=True)[..., :k]
     picked = jnp.take_along_axis(buffer, rows[..., None], axis=-2)  # (..., k, rank)
     a8 = layer.w8[..., layer.out :, :].astype(jnp.float32)  # (..., rank, in)
     delta = (picked @ a8) * stepped[..., None, None]  # == Buf[K] @ (A8 * s) / s
@@ -215,6 +221,13 @@ def _select_and_reset(
         cleared = buffer * keep[..., None]
     buffer = jnp.where(stepped[..., None, None], cleared, buffer)
     return rows.astype(jnp.int32), delta, buffer
+
+
+def _round_mantissa(x: jax.Array, bits: int) -> jax.Array:
+    """Non-negative float32 ``x`` truncated to ``bits`` explicit mantissa bits."""
+    mask = jnp.uint32((0xFFFFFFFF << (23 - bits)) & 0xFFFFFFFF)
+    raw = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jax.lax.bitcast_convert_type(raw & mask, jnp.float32)
 
 
 def _melded_or_none(node: object) -> bool:

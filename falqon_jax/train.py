@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -210,26 +211,63 @@ def length_buckets(config: TrainConfig) -> tuple[int, int]:
     return min(64, longest), longest
 
 
-def evaluate(trainer, params, held_out, config: TrainConfig, pad_id: int) -> float | None:
+def evaluate(trainer, params, held_out, config: TrainConfig, pad_id: int,
+             place) -> float | None:
     from falqon_jax.data import collate
 
     if not held_out:
         return None
     total, count = 0.0, 0.0
     for start in range(0, len(held_out), config.batch_size):
-        batch = collate(held_out[start:start + config.batch_size], pad_id,
-                        length_buckets(config))
-        s, n = trainer.eval_step(params, batch.tokens, batch.mask, batch.attention)
+        chunk = held_out[start:start + config.batch_size]
+        # Pad the last chunk to a full batch (zero-loss rows) so it splits over the mesh.
+        chunk = chunk + [_empty_like(chunk[0])] * (config.batch_size - len(chunk))
+        batch = collate(chunk, pad_id, length_buckets(config))
+        s, n = trainer.eval_step(params, *place(batch))
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
 
+def build_mesh(config: TrainConfig) -> Any:
+    """The device mesh of ``--mesh`` (default: every device on ``fsdp``)."""
+    from falqon_jax import sharding
+
+    try:
+        mesh = sharding.parse_mesh(config.mesh)
+        sharding.check_batch(mesh, config.batch_size, config.grad_accum)
+    except sharding.MeshError as err:
+        raise UserError(str(err)) from None
+    return mesh
+
+
+def _empty_like(example):
+    """A one-token example that carries no loss (fills an incomplete eval batch)."""
+    from falqon_jax.data import Tokenized
+
+    return Tokenized(example.tokens[:1], np.zeros(1, np.float32), False)
+
+
+def init_distributed(config: TrainConfig) -> None:
+    """Join a multi-host job (``--coordinator`` or ``FALQON_DISTRIBUTED=auto``)."""
+    import jax
+
+    if config.coordinator:
+        jax.distributed.initialize(coordinator_address=config.coordinator,
+                                   num_processes=config.num_processes,
+                                   process_id=config.process_id)
+    elif os.environ.get("FALQON_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
 def run(config: TrainConfig, resume: bool) -> int:
+    init_distributed(config)
     check_out_dir(config, resume)
+    mesh = build_mesh(config)
     prep = prepare(config)
     import jax
     from tqdm import tqdm
 
+    from falqon_jax import sharding
     from falqon_jax.checkpoints import CheckpointStore
     from falqon_jax.data import batch_stream
     from falqon_jax.trainer import Trainer
@@ -238,34 +276,44 @@ def run(config: TrainConfig, resume: bool) -> int:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
 
     def forward(params, tokens, attention):
         return model.module.apply({"params": params}, tokens, attention)
 
-    trainer = Trainer(config, forward, model.trainable())
+    trainer = Trainer(config, forward, model.trainable(), mesh)
     state = trainer.init_state(model.params)
+    rows = sharding.batch_sharding(mesh)
+
+    def place(batch):
+        return [sharding.global_batch(rows, a) for a in (batch.tokens, batch.mask,
+                                                          batch.attention)]
+
     store = CheckpointStore(out, config.keep_checkpoints)
     start = 0
     metrics_path = out / "metrics.jsonl"
     if resume:
         start = store.latest_step()
         state = store.restore(start, state)
-        _truncate_metrics(metrics_path, start)
+        if primary:
+            _truncate_metrics(metrics_path, start)
     else:
-        (out / "config.json").write_text(config.to_json() + "\n")
+        if primary:
+            (out / "config.json").write_text(config.to_json() + "\n")
     say = tqdm.write
     source = "built-in demo data" if config.is_demo else config.data
     say(f"falqon-jax: {config.method} on {config.model} ({source}), "
         f"{len(prep.train)} train / {len(prep.held_out)} held-out examples, "
         f"{prep.truncated} truncated, {prep.dropped} dropped; steps {start}->{config.steps}; "
-        f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
 
     def meta(step: int) -> dict[str, Any]:
         return {"identity": config.identity(), "step": step, "data_position": step}
 
     stream = batch_stream(prep.train, config.batch_size, config.seed, pad_id=pad_id,
                           buckets=length_buckets(config), start_step=start)
-    log = metrics_path.open("a")
+    # Every process trains and checkpoints (Orbax coordinates the hosts); one writes logs.
+    log = metrics_path.open("a") if primary else open(os.devnull, "w")
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     step = start
@@ -277,8 +325,7 @@ def run(config: TrainConfig, resume: bool) -> int:
                 raise KeyboardInterrupt
             batch = next(stream)
             began = time.perf_counter()
-            new_state, metrics = trainer.train_step(state, batch.tokens, batch.mask,
-                                                    batch.attention)
+            new_state, metrics = trainer.train_step(state, *place(batch))
             loss = float(metrics["loss"])
             elapsed = time.perf_counter() - began
             if not math.isfinite(loss):
@@ -297,7 +344,8 @@ def run(config: TrainConfig, resume: bool) -> int:
                           "tokens_per_s": float(metrics["tokens"]) / elapsed,
                           "step_time_s": elapsed}
             if step % config.eval_every == 0 or step == config.steps:
-                last_eval = evaluate(trainer, state.params, prep.held_out, config, pad_id)
+                last_eval = evaluate(trainer, state.params, prep.held_out, config, pad_id,
+                                     place)
                 if last_eval is not None:
                     record = (record or {"step": step}) | {"eval_loss": last_eval}
                     say(f"step {step}: train loss {loss:.4f}, eval loss {last_eval:.4f}")

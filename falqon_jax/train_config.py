@@ -60,6 +60,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_tokens: int = 32
     mesh: str = ""
+    coordinator: str = ""
+    num_processes: int = 1
+    process_id: int = 0
 
     @property
     def is_demo(self) -> bool:
@@ -149,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep")
     add("--sample-tokens", type=int, help="tokens generated for the final sample")
     add("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: all devices on fsdp)")
+    add("--coordinator", help="multi-host: address:port of process 0 (jax.distributed); "
+        "or set FALQON_DISTRIBUTED=auto to let JAX detect the cluster (SLURM, ...)")
+    add("--num-processes", type=int, help="multi-host: number of processes (hosts)")
+    add("--process-id", type=int, help="multi-host: this process's index")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     return p
 

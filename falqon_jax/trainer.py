@@ -15,7 +15,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
+from falqon_jax import sharding
 from falqon_jax.optax import falqon_update
 from falqon_jax.train_config import TrainConfig
 
@@ -104,10 +106,12 @@ class Trainer:
         config: TrainConfig,
         forward: Callable[[Any, jax.Array, jax.Array], jax.Array],
         mask: Any,
+        mesh: Mesh | None = None,
     ) -> None:
         self.config = config
         self.forward = forward
         self.mask = mask
+        self.mesh = mesh
         self.optimizer = make_optimizer(config)
         self.merge = None
         if config.method == "falqon":
@@ -117,10 +121,20 @@ class Trainer:
         self.eval_step = jax.jit(self._eval_sums)
 
     def init_state(self, params: Any) -> TrainState:
+        """The initial state; with a mesh, placed by the FSDP partition rules, and the
+        train step compiled to keep that layout."""
         trainable, _ = partition(params, self.mask)
         opt_state = self.optimizer.init(trainable)
         falqon_state = self.merge.init(params) if self.merge is not None else ()
-        return TrainState(params, opt_state, falqon_state, jnp.zeros((), jnp.int32))
+        state = TrainState(params, opt_state, falqon_state, jnp.zeros((), jnp.int32))
+        if self.mesh is not None:
+            shardings = sharding.tree_shardings(self.mesh, state)
+            state = jax.device_put(state, shardings)
+            self.train_step = jax.jit(
+                self._train_step, donate_argnums=(0,),
+                out_shardings=(shardings, sharding.replicated(self.mesh)),
+            )
+        return state
 
     def _loss_sum(self, trainable, frozen, tokens, mask, attention):
         logits = self.forward(combine(trainable, frozen), tokens, attention)
