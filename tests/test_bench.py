@@ -1,0 +1,161 @@
+"""Smoke tests of ``python -m falqon_jax.bench``: row keys, cast/GEMM invariants, bad flags.
+
+The cast and GEMM counts are facts of each method's design (see the docstrings of
+:mod:`falqon_jax.melded`, :mod:`falqon_jax.fp8_lora`, :mod:`falqon_jax.lora`,
+:mod:`falqon_jax.qlora` and :mod:`falqon_jax.optax`), counted in the lowered StableHLO of one
+linear-layer train step, which is the same on every backend:
+
+* ``falqon``: casts ``Q_e4m3(x)`` (forward), ``Q_e5m2(g)`` and ``Q_e4m3(A x)`` (backward),
+  plus one cast in the optimizer's top-k merge (``Q(DQ(W8[K]) + delta)`` of ``k`` rows):
+  4 casts, 2 of them token-sized. GEMMs: forward ``x [W; A]^T``, backward ``g W`` and
+  ``g^T (A x)`` in FP8, plus the merge's ``Buf[K] @ A`` in float32: 4, 3 of them FP8.
+* ``fp8_lora``: casts ``x, A, B, x A^T`` forward and ``g, d(x A^T)`` backward: 6, 2 large;
+  8 GEMMs, all FP8 (3 forward, 5 backward).
+* ``lora`` and ``qlora``: no FP8; 3 forward + 5 backward GEMMs.
+* ``full``: no FP8; forward, ``dL/dx``, ``dL/dW``: 3 GEMMs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from falqon_jax import bench
+
+# A tiny linear layer: every dimension a multiple of 16, out * in a multiple of 64 (NF4).
+TINY = ["--shapes", "64x48", "--tokens", "32", "--rank", "8", "--model-card", "none"]
+
+EXPECTED = {  # method: (fp8_casts, fp8_casts_large, gemms, fp8_gemms), lowered, per layer
+    "falqon": (4, 2, 4, 3),
+    "fp8_lora": (6, 2, 8, 8),
+    "lora": (0, 0, 8, 0),
+    "qlora": (0, 0, 8, 0),
+    "full": (0, 0, 3, 0),
+}
+
+HLO_KEYS = {
+    "method", "shape", "kind", "tokens", "rank", "fp8_casts", "fp8_casts_large", "gemms",
+    "fp8_gemms", "compiled_fp8_casts", "compiled_fp8_casts_large", "compiled_gemms",
+    "compiled_fp8_gemms", "compiled_copies_large", "temp_bytes", "argument_bytes",
+    "output_bytes", "flops", "bytes_accessed", "model_flops", "backend", "device",
+    "jax_version",
+}
+SPEED_KEYS = {
+    "method", "shape", "kind", "tokens", "step_time_s", "tokens_per_s", "device", "backend",
+    "mfu_bf16", "mfu_fp8", "model_flops", "achieved_tflops",
+}
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())
+    assert isinstance(rows, list)
+    return rows
+
+
+def test_hlo_linear_counts(tmp_path: Path) -> None:
+    out = tmp_path / "hlo.json"
+    assert bench.main(["hlo", *TINY, "--json", str(out)]) == 0
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == list(bench.METHOD_NAMES)
+    for row in rows:
+        assert HLO_KEYS <= row.keys(), HLO_KEYS - row.keys()
+        assert row["shape"] == "64x48" and row["kind"] == "linear" and row["tokens"] == 32
+        counts = (row["fp8_casts"], row["fp8_casts_large"], row["gemms"], row["fp8_gemms"])
+        assert counts == EXPECTED[row["method"]], row["method"]
+        assert row["temp_bytes"] >= 0 and row["argument_bytes"] > 0 and row["flops"] > 0
+    by_method = {r["method"]: r for r in rows}
+    # FALQON's casts are a strict subset of FP8 LoRA's work: fewer casts, fewer FP8 GEMMs.
+    assert by_method["falqon"]["fp8_casts"] < by_method["fp8_lora"]["fp8_casts"]
+    # The GEMM FLOP model: full fine-tuning does 6 T out in, FALQON less than the LoRAs.
+    assert by_method["full"]["model_flops"] == 6 * 32 * 64 * 48
+    assert by_method["falqon"]["model_flops"] < by_method["fp8_lora"]["model_flops"]
+
+
+def test_hlo_model_counts_one_layer_per_scan_body(tmp_path: Path) -> None:
+    """On the tiny card all seven projections are converted; the scanned decoder body is
+    counted once, so FALQON shows 3 casts per projection plus one merge cast per stacked
+    matrix (the merge runs outside the scan): 7 * 3 + 7 = 28, 14 of them token-sized."""
+    out = tmp_path / "model.json"
+    args = ["hlo", "--small", "--shapes", "none", "--methods", "falqon",
+            "--model-layers", "1", "--batch", "2", "--seq", "64", "--json", str(out)]
+    assert bench.main(args) == 0
+    (row,) = _rows(out)
+    assert row["kind"] == "model" and row["shape"] == "tiny:1L" and row["layers"] == 1
+    assert row["converted"] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert (row["fp8_casts"], row["fp8_casts_large"], row["fp8_gemms"]) == (28, 14, 21)
+
+
+def test_speed_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "speed.json"
+    args = ["speed", *TINY, "--repeats", "2", "--warmup", "1", "--json", str(out),
+            "--methods", "falqon,fp8_lora,full"]
+    assert bench.main(args) == 0
+    assert bench.CPU_NOTE in capsys.readouterr().out
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == ["falqon", "fp8_lora", "full"]
+    for row in rows:
+        assert SPEED_KEYS <= row.keys(), SPEED_KEYS - row.keys()
+        assert row["step_time_s"] > 0 and len(row["step_times_s"]) == 2
+        assert row["tokens_per_s"] == pytest.approx(32 / row["step_time_s"])
+        assert row["backend"] == "cpu" and row["note"] == bench.CPU_NOTE
+        assert row["mfu_bf16"] is None and row["mfu_fp8"] is None
+
+
+def test_peak_table() -> None:
+    assert bench.peak_flops("NVIDIA H200") == (989e12, 1979e12)
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == (989e12, 1979e12)
+    assert bench.peak_flops("NVIDIA H100 PCIe") == (756e12, 1513e12)
+    assert bench.peak_flops("NVIDIA L40S")[0] == 362e12  # not taken for an L4
+    assert bench.peak_flops("NVIDIA A100-SXM4-80GB") == (312e12, None)  # no FP8 units
+    assert bench.peak_flops("cpu") == (None, None)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["hlo", "--methods", "falqon,bogus"], "unknown method 'bogus'"),
+        (["speed", "--shapes", "64x"], "bad shape '64x'"),
+        (["hlo", "--shapes", "64x48", "--rank", "0"], "--rank must be a positive integer"),
+        (["hlo", "--model-card", "no-such-card", "--shapes", "none"], "unknown model card"),
+        (["hlo", "--shapes", "40x48", "--methods", "falqon"], "not a multiple of 16"),
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_flags_subprocess() -> None:
+    """Through ``python -m``: argparse errors (here a non-integer) are one line, exit 2."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for argv, message in (
+        (["speed", "--tokens", "many"], "expected an integer"),
+        (["hlo", "--methods", "qlora,nf4"], "unknown method 'nf4'"),
+        (["accuracy"], "invalid choice"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "falqon_jax.bench", *argv],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_hlo_small_preset_all_methods(tmp_path: Path) -> None:
+    """The full ``--small`` preset (linear + tiny model, every method) runs end to end and
+    FALQON has the fewest FP8 casts of the FP8 methods on every shape."""
+    out = tmp_path / "small.json"
+    assert bench.main(["hlo", "--small", "--json", str(out)]) == 0
+    rows = _rows(out)
+    assert len(rows) == 2 * len(bench.METHOD_NAMES)
+    for shape in {r["shape"] for r in rows}:
+        fp8_rows = {r["method"]: r for r in rows if r["shape"] == shape}
+        assert fp8_rows["falqon"]["fp8_casts"] < fp8_rows["fp8_lora"]["fp8_casts"]
