@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded; the model's RoPE positions count real tokens
 only, so padding does not change the continuation. The prompt is prefilled in one call, then
 one token per step is decoded inside a ``lax.while_loop`` that stops early once every row
-has produced an end-of-sequence token.
+has produced an end-of-sequence token. Sampling settings and EOS ids are traced values, so
+one compiled program serves every setting for a given batch, prompt width and length.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from falqon_jax.llama import KVCache, Llama
 
 
 def sample_logits(
-    logits: jax.Array, key: jax.Array, temperature: float, top_p: float
+    logits: jax.Array,
+    key: jax.Array,
+    temperature: float | jax.Array,
+    top_p: float | jax.Array,
 ) -> jax.Array:
     """Next tokens, int32 ``(batch,)``, from float32 logits ``(batch, vocab)``.
 
@@ -29,44 +33,53 @@ def sample_logits(
     sample from ``softmax(logits / temperature)`` restricted to the nucleus: the smallest
     set of most likely tokens whose probability reaches ``top_p`` (``top_p = 1``: all).
     Tokens tied with the least likely member of the nucleus are kept too.
+
+    ``temperature`` and ``top_p`` may be Python numbers (only the branch needed is traced)
+    or float32 scalars (traced: one compiled program serves every setting).
     """
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    logits = logits.astype(jnp.float32)
+    static = isinstance(temperature, int | float) and isinstance(top_p, int | float)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if static and temperature == 0:
+        return greedy
+    t = jnp.asarray(temperature, jnp.float32)
+    scaled = logits / jnp.where(t > 0, t, 1.0)
+    if not static or top_p < 1.0:
+        sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         # Keep a token while the mass before it is below top_p (the first always survives).
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         cutoff_index = jnp.sum(mass_before < top_p, axis=-1) - 1
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None], axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        nucleus = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+        scaled = jnp.where(jnp.asarray(top_p) < 1.0, nucleus, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return sampled if static else jnp.where(t > 0, sampled, greedy)
 
 
-@partial(jax.jit, static_argnames=("module", "max_new_tokens", "temperature", "top_p", "eos_ids"))
+@partial(jax.jit, static_argnames=("module", "max_new_tokens"))
 def _generate(
     module: Llama,
     params: Any,
     tokens: jax.Array,
     mask: jax.Array,
     key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    eos: jax.Array,
     *,
     max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    eos_ids: tuple[int, ...],
 ) -> jax.Array:
     """New tokens int32 ``(batch, max_new_tokens)`` for left-padded ``tokens`` ``(batch, len)``.
 
-    After a row's first EOS the rest of the row is ``eos_ids[0]`` (or, once the loop stopped
-    early because every row is done, zeros).
+    ``temperature``, ``top_p``: float32 scalars; ``eos``: int32 ``(n,)`` end-of-sequence
+    ids, ``-1`` for none. After a row's first EOS the rest of the row is that row's EOS
+    (zeros once the loop has stopped early because every row is done).
     """
     batch, prompt_len = tokens.shape
     cache = KVCache.empty(module.config, batch, prompt_len + max_new_tokens, module.dtype)
     logits, cache = module.apply({"params": params}, tokens, mask, cache)
     ones = jnp.ones((batch, 1), jnp.int32)
-    eos = jnp.asarray(eos_ids or (0,), jnp.int32)
 
     def cond(carry: tuple[Any, ...]) -> jax.Array:
         i, done = carry[0], carry[4]
@@ -76,9 +89,9 @@ def _generate(
         i, cache, logits, out, done, key = carry
         key, sub = jax.random.split(key)
         nxt = sample_logits(logits, sub, temperature, top_p)
-        if eos_ids:
-            nxt = jnp.where(done, eos[0], nxt)
-            done = done | jnp.isin(nxt, eos)
+        prev = lax.dynamic_index_in_dim(out, jnp.maximum(i - 1, 0), axis=1, keepdims=False)
+        nxt = jnp.where(done, prev, nxt)
+        done = done | jnp.isin(nxt, eos)
         out = lax.dynamic_update_index_in_dim(out, nxt, i, axis=1)
         step_logits, cache = module.apply({"params": params}, nxt[:, None], ones, cache)
         return i + 1, cache, step_logits[:, -1], out, done, key
@@ -95,6 +108,13 @@ def _eos_tuple(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if isinstance(eos_id, int | np.integer):
         return (int(eos_id),)
     return tuple(int(e) for e in eos_id)
+
+
+def _pad_eos(eos_ids: tuple[int, ...]) -> list[int]:
+    """EOS ids padded with ``-1`` to a multiple of 4 (at least 4), so the compiled program
+    does not depend on how many there are."""
+    size = max(4, -(-len(eos_ids) // 4) * 4)
+    return list(eos_ids) + [-1] * (size - len(eos_ids))
 
 
 def generate(
@@ -150,10 +170,10 @@ def generate(
         jnp.asarray(tokens),
         jnp.asarray(mask),
         jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.asarray(_pad_eos(eos_ids), jnp.int32),
         max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        eos_ids=eos_ids,
     )
     results = []
     for row in np.asarray(out).tolist():
