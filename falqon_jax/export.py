@@ -87,6 +87,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from falqon_jax import fp8, melded, methods
+from falqon_jax.cli import OneLineParser
 from falqon_jax.config import LlamaConfig
 from falqon_jax.llama import ALL_TARGETS, TARGETS, LinearPlan, Llama, LlamaModel, abstract_params
 from falqon_jax.run_loading import LoadError
@@ -745,17 +746,9 @@ class _Fp8Reader:
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line on stderr (exit code 2), no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m falqon_jax.export",
         description="Export a training run, run checkpoint, Hugging Face checkpoint or FP8 "
         "export as a Hugging Face checkpoint (effective weights) or as FP8 weights with "

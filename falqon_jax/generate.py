@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from falqon_jax.cli import OneLineParser
 from falqon_jax.run_loading import Loaded, LoadError
 
 
@@ -29,17 +30,9 @@ class UsageError(ValueError):
     """A mistake in the command line; reported as one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line on stderr (exit code 2), no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m falqon_jax.generate",
         description="Generate a continuation with a training run, run checkpoint, FP8 "
         "export, Hugging Face LLaMA directory or model card.",

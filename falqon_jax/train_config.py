@@ -15,6 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from falqon_jax.cli import OneLineParser
+
 METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
 DEMO_DATA = "demo"
 
@@ -110,7 +112,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m falqon_jax.train",
         description="Fine-tune a LLaMA with FALQON (or a baseline). With no arguments: the "
         "built-in CPU demo. Flags override the defaults (the demo's, or the paper's once "
