@@ -211,3 +211,11 @@ def test_flags_override_the_demo_one_by_one():
     config, _ = resolve(["--steps", "30", "--out", "somewhere"])
     assert config.is_demo and config.steps == 30 and config.out == "somewhere"
     assert config.lr == DEMO.lr and config.model == "tiny"
+
+
+def test_bad_flag_value_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--reset", "bogus"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --reset: invalid choice")
