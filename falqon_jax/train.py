@@ -1,14 +1,16 @@
 """``python -m falqon_jax.train``: fine-tune a LLaMA with FALQON or a baseline.
 
 With no arguments it runs the built-in demo on the CPU. ``--help`` lists the flags; see
-:mod:`falqon_jax.train_config` for defaults and recipes. Mistakes in the input (flags, data,
-checkpoints, output directory) end with one line on stderr and exit code 2; a non-finite
-loss stops the run with exit code 3, keeping the last good checkpoint; Ctrl-C saves a
-checkpoint and exits with 130.
+:mod:`falqon_jax.train_config` for defaults and recipes. ``--tokenizer char`` selects the
+demo's character tokenizer (:class:`falqon_jax.demo_data.CharTokenizer`) for any data.
+Mistakes in the input (flags, data, checkpoints, output directory) end with one line on
+stderr and exit code 2; a non-finite loss stops the run with exit code 3, keeping the last
+good checkpoint; Ctrl-C saves a checkpoint and exits with 130.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,10 +36,25 @@ class UserError(ValueError):
 def main(argv: list[str] | None = None) -> int:
     try:
         config, resume = resolve(argv)
+        args = sys.argv[1:] if argv is None else argv
+        if not resume and not any(a == "--out" or a.startswith("--out=") for a in args):
+            config = dataclasses.replace(config, out=_fresh_out(config.out))
         return run(config, resume)
     except (ConfigError, DataError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _fresh_out(default: str) -> str:
+    """``default``, or ``default-2``, ``-3``, ... if it already holds a run: running the demo
+    (or a recipe) twice without ``--out`` starts a new run instead of refusing."""
+    from falqon_jax.checkpoints import has_checkpoints
+
+    candidate, n = Path(default), 1
+    while (candidate / "config.json").exists() or has_checkpoints(candidate):
+        n += 1
+        candidate = Path(f"{default}-{n}")
+    return str(candidate)
 
 
 # --------------------------------------------------------------------------------------
@@ -83,8 +100,17 @@ def check_out_dir(config: TrainConfig, resume: bool) -> None:
         )
 
 
+CHAR_TOKENIZER = "char"
+
+
+def uses_char_tokenizer(config: TrainConfig) -> bool:
+    """Whether the run uses the built-in character tokenizer (the demo, or ``--tokenizer
+    char``): it encodes without ``add_special_tokens`` and decodes without options."""
+    return config.is_demo or config.tokenizer == CHAR_TOKENIZER
+
+
 def load_tokenizer(config: TrainConfig) -> Any:
-    if config.is_demo:
+    if uses_char_tokenizer(config):
         from falqon_jax.demo_data import CharTokenizer
 
         return CharTokenizer()
@@ -187,8 +213,8 @@ def prepare(config: TrainConfig) -> Prepared:
     check_model_limits(config, model, tokenizer)
 
     def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False) if not config.is_demo \
-            else tokenizer.encode(text)
+        return tokenizer.encode(text, add_special_tokens=False) \
+            if not uses_char_tokenizer(config) else tokenizer.encode(text)
 
     def tokenize(items):
         out = [data.tokenize_example(e, encode, bos_id=tokenizer.bos_token_id,
@@ -305,7 +331,8 @@ def run(config: TrainConfig, resume: bool) -> int:
     say(f"falqon-jax: {config.method} on {config.model} ({source}), "
         f"{len(prep.train)} train / {len(prep.held_out)} held-out examples, "
         f"{prep.truncated} truncated, {prep.dropped} dropped; steps {start}->{config.steps}; "
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s); writing to {out}")
 
     def meta(step: int) -> dict[str, Any]:
         return {"identity": config.identity(), "step": step, "data_position": step}
@@ -413,15 +440,16 @@ def report_samples(prep: Prepared, model: Any, eval_loss: float | None) -> None:
     cases = prep.held_out_examples[: 64 if config.is_demo else 1]
 
     def encode(text: str) -> list[int]:
-        ids = tok.encode(text) if config.is_demo else tok.encode(text, add_special_tokens=False)
+        ids = tok.encode(text) if uses_char_tokenizer(config) \
+            else tok.encode(text, add_special_tokens=False)
         return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
 
     prompts = [encode("".join(s.text for s in ex if not s.trained))[: config.source_len]
                for ex in cases]
     outs = generate(model.module, model.params, prompts, config.sample_tokens,
                     eos_id=tok.eos_token_id, pad_id=0)
-    texts = [tok.decode(o, skip_special_tokens=True) if not config.is_demo else tok.decode(o)
-             for o in outs]
+    texts = [tok.decode(o, skip_special_tokens=True) if not uses_char_tokenizer(config)
+             else tok.decode(o) for o in outs]
     if config.is_demo:
         want = ["".join(s.text for s in ex if s.trained) for ex in cases]
         exact = np.mean([t.strip() == w for t, w in zip(texts, want, strict=True)])

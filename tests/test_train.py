@@ -219,3 +219,12 @@ def test_bad_flag_value_is_one_line(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: argument --reset: invalid choice")
+
+
+def test_rerunning_without_out_starts_a_new_run_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        code, out, err = _run(capsys, "--steps", 1, *QUICK)
+        assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo", "demo-2"]
+    assert "writing to runs/demo-2" in out + err
