@@ -9,6 +9,8 @@ Run ``python -m falqon_jax.bench SUBCOMMAND [flags]``:
 * ``speed``: run the same train steps on the default device and report the median
   wall-clock time per step, tokens/s and model-FLOPs utilisation against the device's
   bf16 and FP8 peaks. On a CPU the numbers say nothing about FP8 speed (FP8 is emulated).
+* ``accuracy``: pretrain a small base, fine-tune it with every method and seed, and report
+  the held-out loss per method plus FALQON ablations (see :mod:`falqon_jax.accuracy`).
 
 Methods (``--methods``): ``falqon``, ``lora``, ``fp8_lora``, ``qlora``, ``full`` (see
 :mod:`falqon_jax.methods`). ``--json FILE`` writes a JSON list with one object per
@@ -839,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of one training step per method (falqon, lora, fp8_lora, "
         "qlora, full).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{hlo,speed}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{hlo,speed,accuracy}")
 
     hlo_parser = sub.add_parser(
         "hlo", help="compile-only: FP8 casts, GEMMs, memory and cost analysis per method",
@@ -870,9 +872,87 @@ def build_parser() -> argparse.ArgumentParser:
                               help="untimed steps first, including compilation (default 2)")
     speed_parser.set_defaults(run=run_speed)
 
-    # An "accuracy" subcommand plugs in here: sub.add_parser("accuracy", ...), its flags,
-    # and set_defaults(run=run_accuracy); add it to the metavar above.
+    accuracy_parser = sub.add_parser(
+        "accuracy", help="held-out loss per method after fine-tuning a pretrained base",
+        description="Pretrain the tiny card on --data (--method full, character tokenizer), "
+        "export it, fine-tune it with every method and seed (same steps, rank, lr, batches, "
+        "held-out split) and with FALQON ablations (top-k, reset rule, init of A); report "
+        "the held-out loss mean and spread per method. See falqon_jax.accuracy.",
+    )
+    add = accuracy_parser.add_argument
+    add("--data", type=Path, required=True,
+        help="Alpaca JSON / JSONL instruction data (pretraining and fine-tuning)")
+    add("--out", type=Path, default=Path("runs/accuracy"),
+        help="directory of every run (reused/resumed when rerun; default runs/accuracy)")
+    add("--methods", default=None,
+        help="comma-separated methods (default falqon,lora,fp8_lora,qlora)")
+    add("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+    add("--ablation-seeds", default=None,
+        help="seeds of the FALQON ablations (default: --seeds)")
+    add("--no-ablations", dest="ablations", action="store_false", default=None,
+        help="skip the FALQON ablations")
+    add("--pretrain-steps", type=_int, default=None, help="steps of the base (default 800)")
+    add("--pretrain-lr", type=float, default=None, help="lr of the base (default 3e-3)")
+    add("--steps", type=_int, default=None, help="fine-tuning steps per run (default 150)")
+    add("--lr", type=float, default=None, help="fine-tuning lr, every method (default 2e-3)")
+    add("--rank", type=_int, default=None, help="adapter rank (default 16)")
+    add("--top-k", type=_int, default=None, help="FALQON's top-k (default 10)")
+    add("--batch-size", type=_int, default=None, help="examples per step (default 16)")
+    add("--source-len", type=_int, default=None, help="prompt characters (default 64)")
+    add("--target-len", type=_int, default=None, help="response characters (default 64)")
+    add("--eval-size", type=_int, default=None, help="held-out examples (default 100)")
+    add("--quick", action="store_true",
+        help="smoke test: 2 pretraining + 2 fine-tuning steps, seed 0, falqon and lora, no "
+        "ablations (explicit flags still win)")
+    add("--json", type=Path, default=None, metavar="FILE",
+        help="write the rows as a JSON list (rewritten after every method)")
+    accuracy_parser.set_defaults(run=run_accuracy)
     return parser
+
+
+def _seed_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(dict.fromkeys(int(t) for t in text.split(",") if t.strip()))
+    except ValueError:
+        raise BenchError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise BenchError(f"{flag} must name at least one non-negative seed, got {text!r}")
+    return seeds
+
+
+def run_accuracy(args: argparse.Namespace) -> int:
+    """The ``accuracy`` subcommand: see :mod:`falqon_jax.accuracy`."""
+    from falqon_jax import accuracy
+
+    quick = {"pretrain_steps": 2, "steps": 2, "seeds": (0,), "ablation_seeds": (0,),
+             "methods": ("falqon", "lora"), "ablations": False} if args.quick else {}
+    values: dict[str, Any] = {"data": args.data, "out": args.out, **quick}
+    if args.methods is not None:
+        values["methods"] = parse_methods(args.methods)
+    if args.seeds is not None:
+        values["seeds"] = _seed_list(args.seeds, "--seeds")
+    values.setdefault("ablation_seeds", values.get("seeds", (0, 1, 2)))
+    if args.ablation_seeds is not None:
+        values["ablation_seeds"] = _seed_list(args.ablation_seeds, "--ablation-seeds")
+    for name in ("ablations", "pretrain_steps", "pretrain_lr", "steps", "lr", "rank", "top_k",
+                 "batch_size", "source_len", "target_len", "eval_size"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    settings = accuracy.StudySettings(**values)
+    for name in ("pretrain_steps", "steps", "rank", "top_k", "batch_size", "source_len",
+                 "target_len", "eval_size"):
+        if getattr(settings, name) <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise BenchError(f"{flag} must be a positive integer, got {getattr(settings, name)}")
+    env = environment()
+    try:
+        rows = accuracy.run_study(
+            settings, on_row=lambda rows: write_json(args.json, [r | env for r in rows])
+        )
+    except accuracy.StudyError as err:
+        raise BenchError(str(err)) from None
+    print(accuracy.format_table(rows))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ linear-layer train step, which is the same on every backend:
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def test_bad_flags_subprocess() -> None:
     for argv, message in (
         (["speed", "--tokens", "many"], "expected an integer"),
         (["hlo", "--methods", "qlora,nf4"], "unknown method 'nf4'"),
-        (["accuracy"], "invalid choice"),
+        (["accuracy"], "the following arguments are required: --data"),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "falqon_jax.bench", *argv],
@@ -146,6 +147,29 @@ def test_bad_flags_subprocess() -> None:
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_accuracy_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``accuracy --quick`` on 24 instructions: pretrain, export, fine-tune two methods; the
+    rows carry the method, FALQON's settings and the held-out loss of the seed-0 split."""
+    records = [{"instruction": f"Say {w}.", "input": "", "output": f"{w} {w}."}
+               for w in ("red", "green", "blue", "cyan", "pink", "gold") * 4]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "rows.json"
+    argv = ["accuracy", "--quick", "--data", str(data), "--out", str(tmp_path / "runs"),
+            "--eval-size", "4", "--batch-size", "4", "--source-len", "16", "--target-len",
+            "16", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert "vs lora" in capsys.readouterr().out
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == ["falqon", "lora"]
+    assert rows[0]["top_k"] == 10 and rows[0]["reset"] == "merged"
+    assert rows[0]["init_a"] == "svd" and "top_k" not in rows[1]
+    for row in rows:
+        assert row["seeds"] == [0] and row["eval_loss_std"] == 0.0
+        assert math.isfinite(row["eval_loss_mean"]) and row["steps"] == 2
+    assert rows[1]["vs_lora"] == 0.0
 
 
 @pytest.mark.slow
