@@ -52,13 +52,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from falqon_jax import hlo, methods
+from falqon_jax.cli import OneLineParser
 from falqon_jax.config import LlamaConfig, load_card
 from falqon_jax.llama import Llama, abstract_params, linear_shapes, plan_linears, trainable_mask
 from falqon_jax.optax import falqon_update
@@ -785,13 +786,6 @@ def run_speed(args: argparse.Namespace) -> int:
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (no usage dump), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -836,7 +830,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m falqon_jax.bench`` argument parser (one subparser per subcommand)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m falqon_jax.bench",
         description="Benchmarks of one training step per method (falqon, lora, fp8_lora, "
         "qlora, full).",
