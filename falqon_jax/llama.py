@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from falqon_jax import methods
+from falqon_jax import methods, sharding
 from falqon_jax.config import LlamaConfig
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # default linear targets
@@ -201,7 +201,7 @@ class RMSNorm(nn.Module):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (weight * x32).astype(self.dtype)
+        return (sharding.gathered(weight) * x32).astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -366,7 +366,7 @@ class Llama(nn.Module):
         embed = self.param(
             "embed_tokens", nn.initializers.normal(INIT_STD), (c.vocab_size, c.hidden_size), dt
         )
-        x = jnp.take(embed, tokens, axis=0).astype(dt)
+        x = jnp.take(sharding.gathered(embed), tokens, axis=0).astype(dt)
 
         layer = DecoderLayer
         if self.remat:

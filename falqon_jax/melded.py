@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from falqon_jax import fp8
+from falqon_jax import fp8, sharding
 
 # FP8 tensor-core GEMMs need every matrix dimension to be a multiple of this.
 FP8_ALIGNMENT = 16
@@ -174,14 +174,16 @@ def _forward(p: MeldedLinear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     tokens = x.reshape(-1, x.shape[-1])
     x8, x_scale = fp8.quantize(tokens, fp8.E4M3)
-    both = fp8.fp8_dot(x8, x_scale, p.w8, p.scale, _CONTRACT_LAST)  # (T, out + rank)
+    w8 = sharding.gathered(p.w8)  # FSDP: all-gathered as FP8, 1 byte per value
+    both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST)  # (T, out + rank)
     y = both[:, : p.out].astype(x.dtype).reshape(x.shape[:-1] + (p.out,))
     return y, both[:, p.out :]
 
 
 def _melded_fwd(p: MeldedLinear, x: jax.Array):
     y, ax = _forward(p, x)
-    # Residuals: the tiny ``A x`` and the weight that is already resident -- never ``x``.
+    # Residuals: the tiny ``A x`` and the weight that is already resident (its own shard
+    # under FSDP; the backward gathers it again) -- never ``x``.
     return y, (ax, p.w8, p.scale)
 
 
@@ -191,7 +193,7 @@ def _melded_bwd(residuals, g: jax.Array):
     out = w8.shape[0] - rank
     g_tokens = g.reshape(-1, out)
     g8, g_scale = fp8.quantize(g_tokens, fp8.E5M2)
-    backbone = lax.slice_in_dim(w8, 0, out, axis=0)
+    backbone = lax.slice_in_dim(sharding.gathered(w8), 0, out, axis=0)
     dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT)
     dx = dx.astype(g.dtype).reshape(g.shape[:-1] + (w8.shape[1],))
     ax8, ax_scale = fp8.quantize(ax, fp8.E4M3)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from falqon_jax import melded
+from falqon_jax import melded, sharding
 
 
 class MethodImpl(Protocol):
@@ -114,7 +114,7 @@ _CONTRACT_IN = (((1,), (1,)), ((), ()))  # (T, in) x (out, in) -> (T, out)
 def dense_apply(params: Dense, x: jax.Array) -> jax.Array:
     """``x W^T``: ``(..., in) -> (..., out)`` in ``x``'s dtype (``W`` is cast to it)."""
     tokens = x.reshape(-1, x.shape[-1])
-    y = lax.dot_general(tokens, params.w.astype(x.dtype), _CONTRACT_IN)
+    y = lax.dot_general(tokens, sharding.gathered(params.w).astype(x.dtype), _CONTRACT_IN)
     return y.reshape(x.shape[:-1] + (params.w.shape[0],))
 
 

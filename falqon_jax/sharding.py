@@ -5,13 +5,19 @@ sees ``batch / (data * fsdp)`` rows). Every array of the train state -- FP8 meld
 ``b``, proxy buffers, AdamW moments, norms, embeddings -- is split along ``fsdp`` on its
 largest axis that divides evenly (never the stacked layer axis of ``nn.scan``'d params), and
 replicated over ``data``; arrays with no such axis (scalars, scales) are replicated. XLA's
-SPMD partitioner inserts the all-gathers (of the stored dtype: FP8 weights travel as 1 byte
-per value) and reduce-scatters; no communication is written by hand.
+SPMD partitioner inserts the collectives; no communication is written by hand. Inside a
+traced step run under :func:`gathering_weights`, the layers call :func:`gathered` on their
+weights: a sharding constraint that makes XLA all-gather each weight in its stored dtype just
+before its GEMM (FP8 weights travel as 1 byte per value) and keep the activations split by
+rows -- the FSDP pattern -- rather than splitting a GEMM's contraction over devices, which
+would also change its float32 summation order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -20,6 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+
+_GATHER_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "falqon_gather_mesh", default=None
+)
 
 
 class MeshError(ValueError):
@@ -123,3 +133,23 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
         for shard in getattr(leaf, "addressable_shards", []):
             totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
     return totals
+
+
+@contextlib.contextmanager
+def gathering_weights(mesh: Mesh | None) -> Iterator[None]:
+    """While tracing inside this context, :func:`gathered` all-gathers weights over ``mesh``."""
+    token = _GATHER_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _GATHER_MESH.reset(token)
+
+
+def gathered(weight: jax.Array) -> jax.Array:
+    """``weight`` (any shape and dtype) replicated on every device of the mesh set by
+    :func:`gathering_weights`: an FSDP all-gather in ``weight``'s own dtype, placed right
+    before its use. Unchanged outside that context or on a one-device mesh."""
+    mesh = _GATHER_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return weight
+    return jax.lax.with_sharding_constraint(weight, NamedSharding(mesh, PartitionSpec()))

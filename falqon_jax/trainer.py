@@ -117,8 +117,17 @@ class Trainer:
         if config.method == "falqon":
             self.merge = falqon_update(config.top_k, reset=config.reset)
         self.schedule = learning_rate(config)
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-        self.eval_step = jax.jit(self._eval_sums)
+        self.train_step = jax.jit(self._under_mesh(self._train_step), donate_argnums=(0,))
+        self.eval_step = jax.jit(self._under_mesh(self._eval_sums))
+
+    def _under_mesh(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` traced under :func:`sharding.gathering_weights` (FSDP weight gathers)."""
+
+        def traced(*args):
+            with sharding.gathering_weights(self.mesh):
+                return fn(*args)
+
+        return traced
 
     def init_state(self, params: Any) -> TrainState:
         """The initial state; with a mesh, placed by the FSDP partition rules, and the
@@ -131,7 +140,7 @@ class Trainer:
             shardings = sharding.tree_shardings(self.mesh, state)
             state = jax.device_put(state, shardings)
             self.train_step = jax.jit(
-                self._train_step, donate_argnums=(0,),
+                self._under_mesh(self._train_step), donate_argnums=(0,),
                 out_shardings=(shardings, sharding.replicated(self.mesh)),
             )
         return state

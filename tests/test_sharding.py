@@ -85,19 +85,23 @@ def _run_meshes(tmp_path, model, steps, method, *extra):
     return json.loads(line[len("RESULT"):])
 
 
-def _compare(result, param_rtol):
+def _compare(result, param_rtol, loss_rtol=1e-4, fp8_changed=0.0):
+    """Per-step losses within ``loss_rtol`` (the first step, before any update, within 1e-5);
+    at most a fraction ``fp8_changed`` of FP8 weight values different; other leaves within
+    ``param_rtol`` of each leaf's largest value."""
     assert result["devices"] == 8
     base = result["runs"]["fsdp=1"]
     ref = np.load(base["params"])
     for mesh in MESHES[1:]:
         run = result["runs"][mesh]
-        np.testing.assert_allclose(run["losses"], base["losses"], rtol=1e-4)
+        np.testing.assert_allclose(run["losses"][0], base["losses"][0], rtol=1e-5)
+        np.testing.assert_allclose(run["losses"], base["losses"], rtol=loss_rtol)
         got = np.load(run["params"])
         assert sorted(got.files) == sorted(ref.files)
         for name in ref.files:
             a, b = ref[name], got[name]
             if a.dtype == np.uint8:  # FP8 weights, compared bit for bit
-                np.testing.assert_array_equal(a, b, err_msg=name)
+                assert np.mean(a != b) <= fp8_changed, (name, mesh, np.mean(a != b))
             else:
                 scale = float(np.max(np.abs(a))) or 1.0
                 assert np.max(np.abs(a - b)) <= param_rtol * scale, name
@@ -107,12 +111,32 @@ def _compare(result, param_rtol):
     assert max(per_device) < total / 8 * 1.25, (total, per_device)
 
 
+# Why FALQON runs are compared with a tolerance on the FP8 weights: every step rounds the
+# backward's gradients to E5M2 (2 mantissa bits) and the merged rows to E4M3, so a one-ulp
+# float32 difference anywhere -- a sharded gradient sum adds its partials in another order --
+# can flip one rounding, and the flip moves later steps. One device shows the same thing:
+# scaling the frozen MLP weights of stories260K by (1 + 2**-23) (one ulp) changes the third
+# step's loss by 5.0e-4 relative, exactly the value the fsdp=8 run reaches (data=2,fsdp=4:
+# 3.7e-5); the first two steps agree to 1e-7. A real sharding bug (a gradient summed twice,
+# a batch row dropped, a weight slice misplaced) moves the first step's loss or gradients.
+
+
 def test_falqon_demo_on_meshes_matches_one_device(tmp_path):
-    """The demo (FALQON on the tiny model): same losses, bit-identical FP8 weights; and a
-    checkpoint written on fsdp=8 resumes on data=2,fsdp=4 like the one-device run."""
+    """The demo (FALQON on the tiny model): the same losses to 1e-4, FP8 weights equal but
+    for rounding flips (<= 0.1% of values; one of 49,152 is seen); and a checkpoint written
+    on fsdp=8 resumes on data=2,fsdp=4 like the one-device run."""
     result = _run_meshes(tmp_path, "demo", 4, "falqon", "--reshard")
-    _compare(result, param_rtol=1e-6)
+    _compare(result, param_rtol=1e-6, fp8_changed=1e-3)
     np.testing.assert_allclose(result["resumed_fsdp8"], result["resumed_fsdp1"], rtol=1e-4)
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260K")
+def test_stories260k_falqon_fine_tune_on_meshes_matches_one_device(tmp_path):
+    """A FALQON fine-tune of the pretrained stories260K (q, k, v, o and lm_head melded):
+    the first step's loss to 1e-5, three steps to 2e-3 (four times the one-ulp control
+    above), at most 2% of FP8 values different."""
+    _compare(_run_meshes(tmp_path, str(STORIES), 3, "falqon"), param_rtol=1e-6,
+             loss_rtol=2e-3, fp8_changed=0.02)
 
 
 @pytest.mark.slow
