@@ -45,10 +45,13 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -835,7 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of one training step per method (falqon, lora, fp8_lora, "
         "qlora, full).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{hlo,speed,accuracy}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{hlo,speed,accuracy,collectives}")
 
     hlo_parser = sub.add_parser(
         "hlo", help="compile-only: FP8 casts, GEMMs, memory and cost analysis per method",
@@ -901,6 +905,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", type=Path, default=None, metavar="FILE",
         help="write the rows as a JSON list (rewritten after every method)")
     accuracy_parser.set_defaults(run=run_accuracy)
+
+    coll = sub.add_parser(
+        "collectives", help="collectives per layer of the sharded train step (compile only)",
+        description="Compile the train step of a model card over a device mesh (simulated on "
+        "a CPU; abstract weights) and count its collectives per decoder layer, as the SPMD "
+        "partitioner emits them and as the backend compiles them.",
+    )
+    add = coll.add_argument
+    add("--model", default="tiny", help="model card (default tiny)")
+    add("--method", default="falqon", choices=METHOD_NAMES, help="method (default falqon)")
+    add("--mesh", default="fsdp=8", help="data=D,fsdp=F (default fsdp=8)")
+    add("--rank", type=_int, default=16, help="adapter rank (default 16)")
+    add("--batch-size", type=_int, default=16, help="rows per step (default 16)")
+    add("--seq", type=_int, default=64, help="tokens per row (default 64)")
+    add("--grad-accum", type=_int, default=1, help="micro-batches per step (default 1)")
+    add("--remat", action=argparse.BooleanOptionalAction, default=True,
+        help="gradient checkpointing as in training (default on)")
+    add("--json", type=Path, default=None, metavar="FILE", help="write the row as JSON")
+    coll.set_defaults(run=run_collectives)
     return parser
 
 
@@ -946,6 +969,42 @@ def run_accuracy(args: argparse.Namespace) -> int:
     except accuracy.StudyError as err:
         raise BenchError(str(err)) from None
     print(accuracy.format_table(rows))
+    return 0
+
+
+def run_collectives(args: argparse.Namespace) -> int:
+    """The ``collectives`` subcommand: re-runs itself in a fresh interpreter that simulates
+    the mesh's devices on a CPU and dumps the partitioned HLO; that child does the work."""
+    from falqon_jax import sharding, step_collectives
+
+    try:
+        devices = math.prod(sharding.mesh_sizes(args.mesh, 1 << 20).values())
+    except sharding.MeshError as err:
+        raise BenchError(str(err)) from None
+    for flag in ("rank", "batch_size", "seq", "grad_accum"):
+        if getattr(args, flag) <= 0:
+            raise BenchError(f"--{flag.replace('_', '-')} must be positive")
+    if os.environ.get(step_collectives.DUMP_ENV) is None:
+        argv = ["collectives", "--model", args.model, "--method", args.method, "--mesh",
+                args.mesh, "--rank", str(args.rank), "--batch-size", str(args.batch_size),
+                "--seq", str(args.seq), "--grad-accum", str(args.grad_accum),
+                "--remat" if args.remat else "--no-remat"]
+        if args.json is not None:
+            argv += ["--json", str(args.json)]
+        with tempfile.TemporaryDirectory() as dump:
+            env = step_collectives.child_environment(devices, Path(dump))
+            return subprocess.run([sys.executable, "-m", "falqon_jax.bench", *argv],
+                                  env=env).returncode
+    try:
+        row = step_collectives.step_collectives(
+            args.model, args.method, args.mesh, rank=args.rank, batch=args.batch_size,
+            seq=args.seq, grad_accum=args.grad_accum, remat=args.remat,
+        )
+    except (sharding.MeshError, ValueError) as err:
+        raise BenchError(str(err).splitlines()[0]) from None
+    row |= environment()
+    write_json(args.json, [row])
+    print(step_collectives.format_report(row), flush=True)
     return 0
 
 

@@ -96,3 +96,80 @@ def analyze(fn, *args: Any, large_elements: int = 1 << 20, donate_argnums=()) ->
         "flops": float(cost.get("flops", -1.0)),
         "bytes_accessed": float(cost.get("bytes accessed", -1.0)),
     }
+
+
+# --------------------------------------------------------------------------------------
+# Collectives, per loop body (a scanned layer stack is one ``while`` loop; its body runs
+# once per layer, so its collectives are the per-layer communication).
+
+_COLLECTIVE_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                   "collective-permute")
+_HLO_COLLECTIVE = re.compile(
+    r"= \(?([a-z0-9]+)\[[^=]*? (" + "|".join(_COLLECTIVE_OPS) + r")(?:-start)?\("
+)
+_HLO_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_HLO_CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_HLO_BODY = re.compile(r"body=%?([\w.\-]+)")
+_HLO_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+@dataclass(frozen=True)
+class LoopCollectives:
+    """Collectives of one loop body (or of the top level, outside every loop).
+
+    ``loop`` is the ``while`` op's JAX name (``"top level"`` for the rest); ``counts`` maps
+    ``"<op> <dtype>"`` (e.g. ``"all-gather f8e4m3fn"``) to how many the body holds.
+    """
+
+    loop: str
+    counts: dict[str, int]
+
+
+def collectives(hlo_text: str) -> list[LoopCollectives]:
+    """Collectives in HLO text (``compiled.as_text()`` or an XLA dump), grouped by the
+    ``while`` body they run in; nested loops are reported on their own. Bodies without
+    collectives are left out."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = _HLO_HEADER.match(line)
+        if header and not line.startswith(" "):
+            current = header.group(1)
+            bodies[current] = []
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            bodies[current].append(line)
+    entry = next((m.group(1) for line in hlo_text.splitlines()
+                  if line.startswith("ENTRY") and (m := _HLO_HEADER.match(line))), None)
+    loop_names: dict[str, str] = {}
+    for lines in bodies.values():
+        for line in lines:
+            body = _HLO_BODY.search(line)
+            if body and " while(" in line:
+                name = _HLO_OP_NAME.search(line)
+                loop_names[body.group(1)] = name.group(1) if name else body.group(1)
+
+    def count(root: str) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        stack, seen = [root], set()
+        while stack:
+            comp = stack.pop()
+            if comp in seen or comp not in bodies:
+                continue
+            seen.add(comp)
+            for line in bodies[comp]:
+                found = _HLO_COLLECTIVE.search(line)
+                if found:
+                    key = f"{found.group(2)} {found.group(1)}"
+                    totals[key] = totals.get(key, 0) + 1
+                for called in _HLO_CALLED.findall(line):
+                    if called not in loop_names:  # nested loops are counted on their own
+                        stack.append(called)
+        return totals
+
+    roots = ([("top level", entry)] if entry else []) + [
+        (name, body) for body, name in loop_names.items()
+    ]
+    result = [LoopCollectives(name, count(root)) for name, root in roots]
+    return [r for r in result if r.counts]

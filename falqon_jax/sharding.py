@@ -36,14 +36,11 @@ class MeshError(ValueError):
     """A ``--mesh`` specification that cannot be built; the message says why."""
 
 
-def parse_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build the mesh for ``spec`` like ``"data=2,fsdp=4"`` or ``"fsdp=1"``.
-
-    Axes left out have size 1, except that an empty ``spec`` puts every device on ``fsdp``.
-    Uses the first ``data * fsdp`` devices.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": 1, "fsdp": len(devices)} if not spec.strip() else {"data": 1, "fsdp": 1}
+def mesh_sizes(spec: str, available: int) -> dict[str, int]:
+    """Axis sizes of ``spec`` like ``"data=2,fsdp=4"`` or ``"fsdp=1"`` given ``available``
+    devices. Axes left out have size 1, except that an empty ``spec`` puts every device on
+    ``fsdp``. Raises :class:`MeshError` for a bad spec or too few devices."""
+    sizes = {"data": 1, "fsdp": available} if not spec.strip() else {"data": 1, "fsdp": 1}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
         name = name.strip()
@@ -54,8 +51,17 @@ def parse_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
             )
         sizes[name] = int(value)
     needed = sizes["data"] * sizes["fsdp"]
-    if needed > len(devices):
-        raise MeshError(f"--mesh {spec} needs {needed} devices, only {len(devices)} available")
+    if needed > available:
+        raise MeshError(f"--mesh {spec} needs {needed} devices, only {available} available")
+    return sizes
+
+
+def parse_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the mesh for ``spec`` (see :func:`mesh_sizes`) over the first
+    ``data * fsdp`` devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(spec, len(devices))
+    needed = sizes["data"] * sizes["fsdp"]
     grid = np.asarray(devices[:needed], dtype=object).reshape(sizes["data"], sizes["fsdp"])
     return Mesh(grid, AXES)
 
@@ -74,7 +80,7 @@ def leaf_spec(shape: tuple[int, ...], fsdp: int, stacked: bool) -> PartitionSpec
     """
     if fsdp == 1 or not shape:
         return PartitionSpec()
-    first = 1 if stacked and len(shape) > 1 else 0
+    first = 1 if stacked else 0  # a stacked (layers,) leaf, e.g. the FP8 scales: replicate
     candidates = [a for a in range(first, len(shape)) if shape[a] % fsdp == 0]
     if not candidates:
         return PartitionSpec()

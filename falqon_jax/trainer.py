@@ -9,6 +9,7 @@ weight, which :func:`apply_updates` writes in place.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -123,26 +124,35 @@ class Trainer:
     def _under_mesh(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` traced under :func:`sharding.gathering_weights` (FSDP weight gathers)."""
 
+        @functools.wraps(fn)
         def traced(*args):
             with sharding.gathering_weights(self.mesh):
                 return fn(*args)
 
         return traced
 
-    def init_state(self, params: Any) -> TrainState:
-        """The initial state; with a mesh, placed by the FSDP partition rules, and the
-        train step compiled to keep that layout."""
+    def fresh_state(self, params: Any) -> TrainState:
+        """The initial state of ``params``, unplaced (traceable: works under ``eval_shape``)."""
         trainable, _ = partition(params, self.mask)
         opt_state = self.optimizer.init(trainable)
         falqon_state = self.merge.init(params) if self.merge is not None else ()
-        state = TrainState(params, opt_state, falqon_state, jnp.zeros((), jnp.int32))
+        return TrainState(params, opt_state, falqon_state, jnp.zeros((), jnp.int32))
+
+    def sharded_train_step(self, shardings: Any) -> Callable[..., Any]:
+        """The jitted train step that keeps the state in ``shardings`` (donating it)."""
+        return jax.jit(
+            self._under_mesh(self._train_step), donate_argnums=(0,),
+            out_shardings=(shardings, sharding.replicated(self.mesh)),
+        )
+
+    def init_state(self, params: Any) -> TrainState:
+        """The initial state; with a mesh, placed by the FSDP partition rules, and the
+        train step compiled to keep that layout."""
+        state = self.fresh_state(params)
         if self.mesh is not None:
             shardings = sharding.tree_shardings(self.mesh, state)
             state = jax.device_put(state, shardings)
-            self.train_step = jax.jit(
-                self._under_mesh(self._train_step), donate_argnums=(0,),
-                out_shardings=(shardings, sharding.replicated(self.mesh)),
-            )
+            self.train_step = self.sharded_train_step(shardings)
         return state
 
     def _loss_sum(self, trainable, frozen, tokens, mask, attention):
@@ -158,8 +168,10 @@ class Trainer:
         trainable, frozen = partition(state.params, self.mask)
         count = jnp.maximum(jnp.sum(mask[:, 1:]), 1.0)
 
-        def micro(args):
-            return args.reshape((accum, args.shape[0] // accum) + args.shape[1:])
+        def micro(args):  # micro-batch j holds rows j, j + accum, ...: on a mesh, every
+            # device keeps its own rows (a contiguous split would move rows between devices)
+            return jnp.swapaxes(args.reshape((args.shape[0] // accum, accum) + args.shape[1:]),
+                                0, 1)
 
         grad_fn = jax.value_and_grad(self._loss_sum)
 
