@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rank", type=int, default=64, help="adapter rank for --method (default 64)")
     add("--alpha", type=float, default=16.0, help="LoRA alpha for --method (default 16)")
     add("--init", choices=("random",), help="random weights (for a model card)")
+    add("--mesh", default=None,
+        help="shard the weights over devices, e.g. fsdp=8 or data=2,fsdp=4 (default: one "
+        "device)")
     return p
 
 
@@ -130,9 +133,21 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids)
 
 
+def _mesh(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    from falqon_jax import sharding
+
+    try:
+        return sharding.parse_mesh(spec)
+    except sharding.MeshError as err:
+        raise UsageError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, generate, print. Raises :class:`UsageError`/:class:`LoadError` on mistakes."""
     ids = _check_args(args)
+    mesh = _mesh(args.mesh)
     from falqon_jax.run_loading import kind_of, load_any
 
     if kind_of(args.model) == "card":
@@ -165,9 +180,16 @@ def run(args: argparse.Namespace) -> int:
         eos = eos if eos is not None else model.config.eos_token_id
     from falqon_jax.generation import generate
 
-    out = generate(model.module, model.params, [ids], args.max_new_tokens,
+    params = model.params
+    if mesh is not None:
+        import jax
+
+        from falqon_jax.sharding import tree_shardings
+
+        params = jax.device_put(params, tree_shardings(mesh, params))
+    out = generate(model.module, params, [ids], args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   eos_id=eos)[0]
+                   eos_id=eos, mesh=mesh)[0]
     if tokenizer is None:
         print(",".join(str(t) for t in out))
     else:

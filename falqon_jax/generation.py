@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
+from falqon_jax import sharding
 from falqon_jax.llama import KVCache, Llama
 
 
@@ -57,7 +59,7 @@ def sample_logits(
     return sampled if static else jnp.where(t > 0, sampled, greedy)
 
 
-@partial(jax.jit, static_argnames=("module", "max_new_tokens"))
+@partial(jax.jit, static_argnames=("module", "max_new_tokens", "mesh"))
 def _generate(
     module: Llama,
     params: Any,
@@ -69,13 +71,21 @@ def _generate(
     eos: jax.Array,
     *,
     max_new_tokens: int,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """New tokens int32 ``(batch, max_new_tokens)`` for left-padded ``tokens`` ``(batch, len)``.
 
     ``temperature``, ``top_p``: float32 scalars; ``eos``: int32 ``(n,)`` end-of-sequence
     ids, ``-1`` for none. After a row's first EOS the rest of the row is that row's EOS
-    (zeros once the loop has stopped early because every row is done).
+    (zeros once the loop has stopped early because every row is done). With ``mesh``,
+    weights are gathered at use (FSDP, :func:`falqon_jax.sharding.gathered`).
     """
+    with sharding.gathering_weights(mesh):
+        return _decode_loop(module, params, tokens, mask, key, temperature, top_p, eos,
+                            max_new_tokens)
+
+
+def _decode_loop(module, params, tokens, mask, key, temperature, top_p, eos, max_new_tokens):
     batch, prompt_len = tokens.shape
     cache = KVCache.empty(module.config, batch, prompt_len + max_new_tokens, module.dtype)
     logits, cache = module.apply({"params": params}, tokens, mask, cache)
@@ -128,6 +138,7 @@ def generate(
     seed: int = 0,
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
@@ -141,6 +152,9 @@ def generate(
       seed: PRNG seed; the same seed, prompts and settings give the same tokens.
       eos_id: end-of-sequence id, or several; ``None`` never stops early.
       pad_id: id written into left padding (masked out, so any valid id works).
+      mesh: run sharded over this mesh (``params`` placed by
+        :func:`falqon_jax.sharding.tree_shardings`, e.g. a training run's state): prompts
+        split over its batch axes when their count divides, else replicated.
 
     Returns:
       The new tokens per prompt, cut after the first EOS (which is included).
@@ -164,16 +178,23 @@ def generate(
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt) :] = prompt
         mask[row, width - len(prompt) :] = 1
+    tokens_in, mask_in = jnp.asarray(tokens), jnp.asarray(mask)
+    if mesh is not None:
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = sharding.batch_sharding(mesh) if len(prompts) % ways == 0 \
+            else sharding.replicated(mesh)
+        tokens_in, mask_in = jax.device_put((tokens, mask), rows)
     out = _generate(
         module,
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(mask),
+        tokens_in,
+        mask_in,
         jax.random.key(seed),
         jnp.float32(temperature),
         jnp.float32(top_p),
         jnp.asarray(_pad_eos(eos_ids), jnp.int32),
         max_new_tokens=int(max_new_tokens),
+        mesh=mesh,
     )
     results = []
     for row in np.asarray(out).tolist():

@@ -397,7 +397,7 @@ def run(config: TrainConfig, resume: bool) -> int:
         store.close()
     bar.close()
     model.params = state.params
-    report_samples(prep, model, last_eval)
+    report_samples(prep, model, last_eval, mesh)
     return 0
 
 
@@ -428,7 +428,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in kept))
 
 
-def report_samples(prep: Prepared, model: Any, eval_loss: float | None) -> None:
+def report_samples(prep: Prepared, model: Any, eval_loss: float | None,
+                   mesh: Any = None) -> None:
     """Print the final held-out metrics and a sample generation."""
     from falqon_jax.generation import generate
 
@@ -447,7 +448,7 @@ def report_samples(prep: Prepared, model: Any, eval_loss: float | None) -> None:
     prompts = [encode("".join(s.text for s in ex if not s.trained))[: config.source_len]
                for ex in cases]
     outs = generate(model.module, model.params, prompts, config.sample_tokens,
-                    eos_id=tok.eos_token_id, pad_id=0)
+                    eos_id=tok.eos_token_id, pad_id=0, mesh=mesh)
     texts = [tok.decode(o, skip_special_tokens=True) if not uses_char_tokenizer(config)
              else tok.decode(o) for o in outs]
     if config.is_demo:
