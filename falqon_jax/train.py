@@ -10,6 +10,7 @@ good checkpoint; Ctrl-C saves a checkpoint and exits with 130.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -286,8 +287,18 @@ def init_distributed(config: TrainConfig) -> None:
 
 
 def run(config: TrainConfig, resume: bool) -> int:
-    init_distributed(config)
+    # Every process checks --out before joining: nothing is written before all have joined.
     check_out_dir(config, resume)
+    init_distributed(config)
+    import jax
+
+    if jax.process_index() == 0:
+        return _run(config, resume)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return _run(config, resume)  # other hosts of a multi-host job: errors only
+
+
+def _run(config: TrainConfig, resume: bool) -> int:
     mesh = build_mesh(config)
     prep = prepare(config)
     import jax
@@ -342,6 +353,7 @@ def run(config: TrainConfig, resume: bool) -> int:
     # Every process trains and checkpoints (Orbax coordinates the hosts); one writes logs.
     log = metrics_path.open("a") if primary else open(os.devnull, "w")
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+               disable=not primary,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     step = start
     last_eval = None

@@ -245,3 +245,49 @@ def test_generation_on_meshes_matches_one_device():
         assert out[spec] == out["one"], spec
         assert out[spec + " odd batch"] == out["one"][:3], spec
     assert len(lines[-1].split(",")) == 8  # the CLI's 8 token ids
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Multi-host on one machine: two processes with 4 CPU devices each (gloo collectives)
+    join through ``--coordinator``, feed their own rows and train the demo on data=2,fsdp=4
+    with the per-step losses of one process with 8 devices; only process 0 prints and logs."""
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    flags = ["-m", "falqon_jax.train", "--steps", "3", "--log-every", "1", "--eval-every",
+             "3", "--sample-tokens", "2", "--mesh", "data=2,fsdp=4"]
+    env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    coordinator = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, *flags, "--out", str(tmp_path / "two"), "--coordinator", coordinator,
+         "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    # (gloo itself prints connection lines from C++ on every process)
+    assert "held-out loss" in outputs[0][0] and "held-out" not in outputs[1][0]
+    assert "train:" not in outputs[1][1]  # no second progress bar
+    one = subprocess.run(
+        [sys.executable, *flags, "--out", str(tmp_path / "one")], capture_output=True,
+        text=True, env=dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def rows(run):
+        return [json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text()
+                .splitlines()]
+
+    two_rows, one_rows = rows("two"), rows("one")
+    assert [r["step"] for r in two_rows] == [1, 2, 3]
+    np.testing.assert_allclose([r["loss"] for r in two_rows], [r["loss"] for r in one_rows],
+                               rtol=1e-4)
+    np.testing.assert_allclose(two_rows[-1]["eval_loss"], one_rows[-1]["eval_loss"], rtol=1e-4)
+    assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
