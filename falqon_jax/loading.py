@@ -88,6 +88,7 @@ def load_model(
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     source = Path(path_or_card)
     if source.is_dir():
+        _refuse_quantized(source)
         config = LlamaConfig.from_hf(source)
     elif source.exists() or os.sep in str(path_or_card):
         raise ValueError(f"{path_or_card} is not a checkpoint directory")
@@ -105,6 +106,22 @@ def load_model(
     else:
         params = load_params(source, module, jax.random.key(seed))
     return LlamaModel(module, params)
+
+
+def _refuse_quantized(directory: Path) -> None:
+    """``ValueError`` for a checkpoint whose ``config.json`` declares quantized weights
+    (reading its raw FP8/int tensors as plain weights would silently give a wrong model)."""
+    try:
+        quant = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return  # LlamaConfig.from_hf reports a missing or unreadable config
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise ValueError(
+            f"{directory} holds quantized weights ({method}); load a falqon-jax FP8 export "
+            "with falqon_jax.export.load_fp8_export or falqon_jax.run_loading.load_any "
+            "(the generate and export CLIs do this), or pass an unquantized checkpoint"
+        )
 
 
 def weight_files(directory: Path) -> list[Path]:

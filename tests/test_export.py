@@ -230,6 +230,15 @@ def test_fp8_export_round_trips_bit_exactly(falqon, tokens, tmp_path):
                                   np.asarray(falqon.logits(tokens)))
 
 
+def test_load_model_refuses_an_fp8_export(falqon, tmp_path):
+    """Reading the raw FP8 tensors as plain weights would give a wrong model silently."""
+    from falqon_jax import load_model
+
+    export.export_model(falqon, tmp_path / "fp8", format="fp8")
+    with pytest.raises(ValueError, match="quantized weights .compressed-tensors.*load_fp8_export"):
+        load_model(tmp_path / "fp8")
+
+
 def test_fp8_export_bfloat16_keeps_fp8_bits(falqon, tokens, tmp_path):
     """The default bf16 export rounds only the non-FP8 tensors; the FP8 weights stay exact."""
     export.export_model(falqon, tmp_path / "fp8", format="fp8")
