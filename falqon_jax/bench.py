@@ -984,16 +984,10 @@ def run_collectives(args: argparse.Namespace) -> int:
     for flag in ("rank", "batch_size", "seq", "grad_accum"):
         if getattr(args, flag) <= 0:
             raise BenchError(f"--{flag.replace('_', '-')} must be positive")
-    if os.environ.get(step_collectives.DUMP_ENV) is None:
-        argv = ["collectives", "--model", args.model, "--method", args.method, "--mesh",
-                args.mesh, "--rank", str(args.rank), "--batch-size", str(args.batch_size),
-                "--seq", str(args.seq), "--grad-accum", str(args.grad_accum),
-                "--remat" if args.remat else "--no-remat"]
-        if args.json is not None:
-            argv += ["--json", str(args.json)]
+    if os.environ.get(step_collectives.DUMP_ENV) is None:  # the same flags, in the child
         with tempfile.TemporaryDirectory() as dump:
             env = step_collectives.child_environment(devices, Path(dump))
-            return subprocess.run([sys.executable, "-m", "falqon_jax.bench", *argv],
+            return subprocess.run([sys.executable, "-m", "falqon_jax.bench", *args.argv],
                                   env=env).returncode
     try:
         row = step_collectives.step_collectives(
@@ -1012,6 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad flags, with a one-line message)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except BenchError as err:

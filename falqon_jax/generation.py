@@ -180,8 +180,7 @@ def generate(
         mask[row, width - len(prompt) :] = 1
     tokens_in, mask_in = jnp.asarray(tokens), jnp.asarray(mask)
     if mesh is not None:
-        ways = mesh.shape["data"] * mesh.shape["fsdp"]
-        rows = sharding.batch_sharding(mesh) if len(prompts) % ways == 0 \
+        rows = sharding.batch_sharding(mesh) if len(prompts) % sharding.batch_ways(mesh) == 0 \
             else sharding.replicated(mesh)
         tokens_in, mask_in = jax.device_put((tokens, mask), rows)
     out = _generate(

@@ -130,18 +130,18 @@ def collectives(hlo_text: str) -> list[LoopCollectives]:
     ``while`` body they run in; nested loops are reported on their own. Bodies without
     collectives are left out."""
     bodies: dict[str, list[str]] = {}
-    current = None
+    current = entry = None
     for line in hlo_text.splitlines():
         header = _HLO_HEADER.match(line)
         if header and not line.startswith(" "):
             current = header.group(1)
             bodies[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
         elif line.startswith("}"):
             current = None
         elif current is not None:
             bodies[current].append(line)
-    entry = next((m.group(1) for line in hlo_text.splitlines()
-                  if line.startswith("ENTRY") and (m := _HLO_HEADER.match(line))), None)
     loop_names: dict[str, str] = {}
     for lines in bodies.values():
         for line in lines:

@@ -108,13 +108,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways :func:`batch_sharding` splits the rows (``data * fsdp``)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
 def check_batch(mesh: Mesh, batch_size: int, grad_accum: int) -> None:
     """Each micro-batch must split evenly over the mesh's batch axes."""
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = batch_ways(mesh)
     micro = batch_size // grad_accum
     if micro % ways:
         raise MeshError(
