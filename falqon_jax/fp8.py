@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 E4M3 = jnp.float8_e4m3fn
@@ -97,3 +98,53 @@ def fp8_dot(
         raise TypeError(f"fp8_dot needs float8 operands, got {a8.dtype} and {b8.dtype}")
     acc = lax.dot_general(a8, b8, dimension_numbers, preferred_element_type=jnp.float32)
     return acc * (a_scale * b_scale)
+
+
+def _finite_max_bits(dtype: jnp.dtype) -> int:
+    """The bit pattern (as uint8) of ``dtype``'s largest finite value."""
+    return int(np.array(fp8_max(dtype), dtype=jnp.dtype(dtype)).view(np.uint8))
+
+
+def step_away_from_zero(q: jax.Array) -> jax.Array:
+    """Distance from each FP8 value of ``q`` to the next representable one away from zero
+    (float32, same shape); at the largest finite value, the step below it."""
+    dtype = q.dtype
+    top = _finite_max_bits(dtype)
+    mag = jnp.abs(q.astype(jnp.float32)).astype(dtype)
+    bits = jax.lax.bitcast_convert_type(mag, jnp.uint8)
+    at_top = bits >= top
+    other = jnp.where(at_top, bits - 1, bits + 1).astype(jnp.uint8)
+    neighbour = jax.lax.bitcast_convert_type(other, dtype).astype(jnp.float32)
+    return jnp.abs(neighbour - mag.astype(jnp.float32))
+
+
+def round_to(
+    x: jax.Array, dtype: jnp.dtype, mode: str = "nearest", key: jax.Array | None = None
+) -> jax.Array:
+    """Saturating cast of float32 ``x`` (already in quantized units) to ``dtype``.
+
+    ``mode="nearest"``: round to nearest even. ``mode="stochastic"``: round to one of the two
+    neighbouring representable values, up with probability equal to the fraction of the step
+    (unbiased: the expectation is ``x`` clipped to the format's range); needs ``key``.
+    """
+    limit = fp8_max(dtype)
+    x = jnp.clip(x.astype(jnp.float32), -limit, limit)
+    if mode == "nearest":
+        return x.astype(dtype)
+    if mode != "stochastic":
+        raise ValueError(f'mode must be "nearest" or "stochastic", got {mode!r}')
+    if key is None:
+        raise ValueError('mode="stochastic" needs a PRNG key')
+    mag = jnp.abs(x)
+    near = mag.astype(dtype)
+    near_f = near.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(near, jnp.uint8)
+    above = near_f > mag  # rounded up: the lower neighbour is one code below
+    lo_bits = jnp.where(above, bits - 1, bits).astype(jnp.uint8)
+    hi_bits = jnp.where(above, bits, jnp.minimum(bits + 1, _finite_max_bits(dtype)))
+    lo = jax.lax.bitcast_convert_type(lo_bits, dtype).astype(jnp.float32)
+    hi = jax.lax.bitcast_convert_type(hi_bits.astype(jnp.uint8), dtype).astype(jnp.float32)
+    gap = hi - lo
+    p_up = jnp.where(gap > 0, (mag - lo) / jnp.where(gap > 0, gap, 1.0), 0.0)
+    up = jax.random.uniform(key, x.shape, jnp.float32) < p_up
+    return (jnp.sign(x) * jnp.where(up, hi, lo)).astype(dtype)

@@ -6,13 +6,21 @@ layout) becomes a :class:`MeldedLinear`:
 * ``w8`` -- float8_e4m3fn ``(out + rank, in)``: rows ``[:out]`` are the quantized backbone
   ``W``, rows ``[out:]`` are the frozen LoRA factor ``A``. One per-tensor scale covers both.
 * ``scale`` -- float32 scalar, the dequantization multiplier: ``w8.astype(f32) * scale``.
-* ``b`` -- float32 ``(out, rank)``, the trainable LoRA side. **Invariant: ``b`` is always
-  zero.** Its gradient feeds the optimizer; the resulting updates are accumulated in a proxy
-  buffer by :func:`falqon_jax.optax.falqon_update` and merged row by row into ``w8``, so ``b``
-  itself never leaves zero and the forward pass never needs to add ``b (A x)``.
+* ``b`` -- float32 ``(out, rank)``, the trainable LoRA side.
+* ``b_in_forward`` (static) -- how ``b`` reaches the model:
+
+  - ``True`` (the default, update rules ``visible`` / ``visible_merge`` of
+    :func:`falqon_jax.optax.falqon_update`): ``b`` is a live adapter,
+    ``y = x W^T + (A x) b^T``. The melded GEMM already yields ``A x``; adding ``(A x) b^T``
+    is one rank-``r`` GEMM in the compute dtype (and ``g b``, ``(g b) A`` backward), so
+    every update of ``b`` counts at once, however small.
+  - ``False`` (the paper's rules ``paper`` / ``reference``): **``b`` is always zero**; its
+    updates accumulate in a proxy buffer and are merged row by row into ``w8``, so the
+    forward pass never adds ``b (A x)``.
 
 :func:`apply` runs ONE FP8 GEMM per forward and one per backward (for ``dL/dx``), plus a
 rank-sized FP8 GEMM for ``dL/db``; the input ``x`` is never saved for the backward pass.
+The effective weight is always ``DQ(w8[:out]) + b DQ(w8[out:])`` (:func:`effective_weight`).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class MeldedLinear:
     b: jax.Array
     out: int = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
+    b_in_forward: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def in_features(self) -> int:
@@ -83,6 +92,8 @@ def init(
     *,
     key: jax.Array | None = None,
     init: Literal["svd", "random"] = "svd",
+    a_row_norm: float | None = None,
+    b_in_forward: bool = True,
 ) -> MeldedLinear:
     """Meld a float weight ``w`` of shape ``(out, in)`` into a :class:`MeldedLinear`.
 
@@ -90,6 +101,11 @@ def init(
     error ``E = W - DQ(Q(W)) ~ U_r S_r V_r^T`` and set ``A = sqrt(S_r) V_r^T``.
     ``init="random"`` (ablation, as in the reference code): ``A`` is drawn from a normal
     with ``W``'s mean and standard deviation and clipped to ``W``'s range; needs ``key``.
+
+    ``a_row_norm``: rescale every row of ``A`` to this L2 norm (``None`` keeps the natural
+    scale above). With a live ``b`` and Adam, ``A``'s scale sets how far one step moves the
+    weight (``dW = db A``); :func:`lora_row_norm` gives PEFT LoRA's. ``A`` never gets a
+    larger magnitude than ``W`` (it is shrunk if it would), so the shared scale stays ``W``'s.
 
     Then ``[W; A]`` is quantized to E4M3 with one per-tensor scale and ``b = 0``.
     Raises ``ValueError`` for shapes that are not multiples of 16 or an invalid rank.
@@ -109,9 +125,26 @@ def init(
         a = _random_factor(w, rank, key)
     else:
         raise ValueError(f'init must be "svd" or "random", got {init!r}')
+    if a_row_norm is not None:
+        norms = jnp.linalg.norm(a, axis=1, keepdims=True)
+        a = a * (a_row_norm / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
+        w_max, a_max = jnp.max(jnp.abs(w)), jnp.max(jnp.abs(a))
+        a = a * jnp.where(a_max > w_max, w_max / a_max, 1.0)  # keep the scale W's
     w8, scale = fp8.quantize(jnp.concatenate([w, a], axis=0), fp8.E4M3)
     b = jnp.zeros((out, rank), jnp.float32)
-    return MeldedLinear(w8=w8, scale=scale, b=b, out=out, rank=rank)
+    return MeldedLinear(w8=w8, scale=scale, b=b, out=out, rank=rank,
+                        b_in_forward=bool(b_in_forward))
+
+
+def lora_row_norm(in_features: int, rank: int, alpha: float) -> float:
+    """The expected row norm of PEFT LoRA's ``A`` times its ``alpha / rank`` multiplier.
+
+    PEFT draws ``A`` uniformly in ``+-1/sqrt(in)`` (``kaiming_uniform_(a=sqrt(5))``), whose
+    rows have expected squared norm ``1/3``, and scales ``B A`` by ``alpha / rank``. A frozen
+    ``A`` with rows of this norm gives a live ``b`` LoRA's step size from the first step.
+    """
+    del in_features  # the expected norm does not depend on the width
+    return float(alpha) / float(rank) / 3.0**0.5
 
 
 def _svd_factor(w: jax.Array, rank: int) -> jax.Array:
@@ -129,8 +162,14 @@ def _random_factor(w: jax.Array, rank: int, key: jax.Array) -> jax.Array:
 
 
 def dequantize(p: MeldedLinear) -> jax.Array:
-    """The effective backbone ``DQ(w8[:out])``: float32 ``(..., out, in)``."""
+    """The backbone ``DQ(w8[:out])``: float32 ``(..., out, in)``."""
     return p.w8[..., : p.out, :].astype(jnp.float32) * _expand(p.scale, 2)
+
+
+def effective_weight(p: MeldedLinear) -> jax.Array:
+    """What the layer computes with: ``DQ(w8[:out]) + b DQ(w8[out:])``, float32
+    ``(..., out, in)`` (``b`` is zero for the proxy rules, so this is ``DQ(w8[:out])``)."""
+    return dequantize(p) + jnp.matmul(p.b.astype(jnp.float32), p.a())
 
 
 # --------------------------------------------------------------------------------------
@@ -139,6 +178,8 @@ def dequantize(p: MeldedLinear) -> jax.Array:
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # (T, in) x (R, in) -> (T, R)
 _CONTRACT_OUT = (((1,), (0,)), ((), ()))  # (T, out) x (out, in) -> (T, in)
 _CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # (T, out) x (T, r) -> (out, r)
+_CONTRACT_RANK = (((1,), (1,)), ((), ()))  # (T, r) x (out, r) -> (T, out)
+_CONTRACT_ROWS = (((1,), (0,)), ((), ()))  # (T, out) x (out, r) -> (T, r); (T, r) x (r, in)
 
 
 def apply(p: MeldedLinear, x: jax.Array) -> jax.Array:
@@ -149,8 +190,9 @@ def apply(p: MeldedLinear, x: jax.Array) -> jax.Array:
       x: ``(..., in)``, bfloat16 or float32.
 
     Returns:
-      ``y`` of shape ``(..., out)`` in ``x``'s dtype. Gradients flow to ``x`` and ``p.b``;
-      ``w8`` and ``scale`` get zero cotangents.
+      ``y`` of shape ``(..., out)`` in ``x``'s dtype: ``x W^T``, plus ``(A x) b^T`` when
+      ``p.b_in_forward``. Gradients flow to ``x`` and ``p.b``; ``w8`` and ``scale`` get zero
+      cotangents.
     """
     if p.w8.ndim != 2:
         raise ValueError(
@@ -170,31 +212,46 @@ def _melded_matmul(p: MeldedLinear, x: jax.Array) -> jax.Array:
 def _forward(p: MeldedLinear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One FP8 GEMM of ``Q_e4m3(x)`` with ``[W; A]``; returns ``(y, ax)``.
 
-    ``y`` is ``(..., out)`` in ``x``'s dtype, ``ax = A x`` is float32 ``(T, rank)``.
+    ``y`` is ``(..., out)`` in ``x``'s dtype, ``ax = A x`` is float32 ``(T, rank)``. With a
+    live ``b`` it adds ``(A x) b^T``: a rank-``r`` GEMM with operands in ``x``'s dtype and
+    float32 accumulation (not FP8: ``b``'s small updates must not round away).
     """
     tokens = x.reshape(-1, x.shape[-1])
     x8, x_scale = fp8.quantize(tokens, fp8.E4M3)
     w8 = sharding.gathered(p.w8)  # FSDP: all-gathered as FP8, 1 byte per value
     both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST)  # (T, out + rank)
-    y = both[:, : p.out].astype(x.dtype).reshape(x.shape[:-1] + (p.out,))
-    return y, both[:, p.out :]
+    y, ax = both[:, : p.out], both[:, p.out :]
+    if p.b_in_forward:
+        b = sharding.gathered(p.b).astype(x.dtype)
+        y = y + lax.dot_general(ax.astype(x.dtype), b, _CONTRACT_RANK,
+                                preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(x.shape[:-1] + (p.out,)), ax
 
 
 def _melded_fwd(p: MeldedLinear, x: jax.Array):
     y, ax = _forward(p, x)
-    # Residuals: the tiny ``A x`` and the weight that is already resident (its own shard
-    # under FSDP; the backward gathers it again) -- never ``x``.
-    return y, (ax, p.w8, p.scale)
+    # Residuals: the tiny ``A x`` and the weights that are already resident (their own
+    # shards under FSDP; the backward gathers them again) -- never ``x``.
+    return y, (ax, p.w8, p.scale, p.b if p.b_in_forward else None)
 
 
 def _melded_bwd(residuals, g: jax.Array):
-    ax, w8, scale = residuals
+    ax, w8, scale, b = residuals
     rank = ax.shape[1]
     out = w8.shape[0] - rank
+    live = b is not None
     g_tokens = g.reshape(-1, out)
     g8, g_scale = fp8.quantize(g_tokens, fp8.E5M2)
-    backbone = lax.slice_in_dim(sharding.gathered(w8), 0, out, axis=0)
-    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT)
+    full = sharding.gathered(w8)
+    backbone = lax.slice_in_dim(full, 0, out, axis=0)
+    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT)  # (T, in) float32
+    if live:  # d/dx of (A x) b^T: (g b) A, in g's dtype with float32 accumulation
+        gb = lax.dot_general(g_tokens, sharding.gathered(b).astype(g.dtype), _CONTRACT_ROWS,
+                             preferred_element_type=jnp.float32)  # (T, r)
+        a = (lax.slice_in_dim(full, out, out + rank, axis=0).astype(jnp.float32)
+             * scale).astype(g.dtype)
+        dx = dx + lax.dot_general(gb.astype(g.dtype), a, _CONTRACT_ROWS,
+                                  preferred_element_type=jnp.float32)
     dx = dx.astype(g.dtype).reshape(g.shape[:-1] + (w8.shape[1],))
     ax8, ax_scale = fp8.quantize(ax, fp8.E4M3)
     db = fp8.fp8_dot(g8, g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, rank)
@@ -204,6 +261,7 @@ def _melded_bwd(residuals, g: jax.Array):
         b=db,
         out=out,
         rank=rank,
+        b_in_forward=live,
     )
     return dp, dx
 

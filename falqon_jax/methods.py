@@ -133,15 +133,33 @@ class _DenseImpl:
         return Dense(w=self.trained)
 
 
+A_SCALES = ("lora", "natural")
+DEFAULT_A_SCALE = "lora"
+
+
 @dataclasses.dataclass(frozen=True)
 class _FalqonImpl:
-    a_init: str = "svd"  # "random": the reference code's ablation (needs the layer's key)
+    """FALQON melded layers.
+
+    ``b_in_forward``: a live ``b`` (rules ``visible*``) or the paper's invisible one (proxy
+    rules). ``a_init``: ``"svd"`` (the quantization error's singular vectors) or
+    ``"random"`` (the reference code's ablation; needs the layer's key). ``a_scale``:
+    ``"lora"`` rescales ``A``'s rows to PEFT LoRA's norm times ``alpha / rank``
+    (:func:`falqon_jax.melded.lora_row_norm`), ``"natural"`` keeps the paper's
+    ``sqrt(S_r) V_r^T`` (or the random draw) as it is.
+    """
+
+    b_in_forward: bool = True
+    a_init: str = "svd"
+    a_scale: str = DEFAULT_A_SCALE
 
     def init(
         self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any
     ) -> melded.MeldedLinear:
-        del alpha, dtype  # FALQON's scale is folded into its update rule, not ``alpha``
-        return melded.init(w, rank, key=key, init=self.a_init)
+        del dtype  # the backbone is FP8 and b float32 whatever the compute dtype
+        norm = melded.lora_row_norm(w.shape[1], rank, alpha) if self.a_scale == "lora" else None
+        return melded.init(w, rank, key=key, init=self.a_init, a_row_norm=norm,
+                           b_in_forward=self.b_in_forward)
 
     def apply(self, params: melded.MeldedLinear, x: jax.Array) -> jax.Array:
         return melded.apply(params, x)
@@ -182,8 +200,41 @@ def available() -> list[str]:
 FULL = register(Method("full", _DenseImpl(trained=True)))
 FROZEN = register(Method("frozen", _DenseImpl(trained=False)))
 FALQON = register(Method("falqon", _FalqonImpl(), fp8=True))
-# Ablation: A drawn at random from W's statistics instead of the quantization error's SVD.
-register(Method("falqon_random_a", _FalqonImpl(a_init="random"), fp8=True))
+
+
+def falqon_method(
+    *, b_in_forward: bool = True, a_init: str = "svd", a_scale: str = DEFAULT_A_SCALE
+) -> str:
+    """The registry name of FALQON layers with these settings, registered on first use.
+
+    The defaults are ``"falqon"``; other settings get a name like
+    ``"falqon[proxy,svd,natural]"`` (what an update rule and an ablation of ``A`` need).
+    """
+    if a_init not in ("svd", "random"):
+        raise ValueError(f'a_init must be "svd" or "random", got {a_init!r}')
+    if a_scale not in A_SCALES:
+        raise ValueError(f"a_scale must be one of {', '.join(A_SCALES)}, got {a_scale!r}")
+    impl = _FalqonImpl(b_in_forward=bool(b_in_forward), a_init=a_init, a_scale=a_scale)
+    if impl == FALQON.source:
+        return FALQON.name
+    name = f"falqon[{'live' if b_in_forward else 'proxy'},{a_init},{a_scale}]"
+    if name not in _REGISTRY:
+        register(Method(name, impl, fp8=True))
+    return name
+
+
 register(Method("lora", "falqon_jax.lora"))
 register(Method("fp8_lora", "falqon_jax.fp8_lora", fp8=True))
 register(Method("qlora", "falqon_jax.qlora"))
+
+
+def linear_method(config: Any) -> str:
+    """The registry name a training config's ``method`` means (a
+    :class:`~falqon_jax.train_config.TrainConfig`: FALQON's ``rule``, ``init_a`` and
+    ``a_scale`` pick the melded layers' variant)."""
+    if config.method != "falqon":
+        return config.method
+    from falqon_jax.optax import rule_uses_live_b
+
+    return falqon_method(b_in_forward=rule_uses_live_b(config.rule), a_init=config.init_a,
+                         a_scale=config.a_scale)

@@ -1,43 +1,51 @@
-"""FALQON's row-wise top-k proxy update as an optax ``GradientTransformation``.
+"""FALQON's update of melded layers as an optax ``GradientTransformation``.
 
 Use it last in a chain::
 
     tx = optax.chain(
         optax.clip_by_global_norm(3.0),
         optax.masked(optax.adamw(2e-3), trainable_mask),  # or plain optax.adamw(2e-3)
-        falqon_update(top_k=10),
+        falqon_update(),                                  # rule="visible", the default
     )
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
 
 For every :class:`~falqon_jax.melded.MeldedLinear` in ``params`` (stacked ones too: top-k is
-per matrix) the transformation keeps a float32 proxy buffer ``Buf (..., out, rank)`` and,
-each step:
+per matrix) the ``rule`` decides where the incoming update ``u_b`` of ``b`` goes:
 
-1. ``Buf += u_b``, the incoming update for ``b`` (e.g. AdamW's step);
-2. ranks the rows of ``Buf`` by their L1 norm and picks the top ``k``;
-3. merges them into the FP8 backbone with the existing scale,
-   ``W8[K] = Q(DQ(W8[K]) + Buf[K] @ A)`` (saturating at the E4M3 max);
-4. clears the merged rows (``reset="merged"``, the paper) or the whole buffer
-   (``reset="all"``, the authors' reference code).
+* ``visible`` (default): into ``b`` itself, a live adapter in the forward pass
+  (``y += (A x) b^T``); ``w8`` is not touched while training. Nothing rounds away.
+* ``visible_merge``: as ``visible``, then the top-``k`` rows of ``b`` are folded into ``w8``
+  wherever an entry's change reaches a full FP8 step; the remainder stays in ``b``.
+* ``paper`` (the paper's proxy update; ``b`` stays zero and invisible), each step:
+
+  1. ``Buf += u_b`` in a float32 proxy buffer ``Buf (..., out, rank)``;
+  2. rank the rows of ``Buf`` by their L1 norm and pick the top ``k``;
+  3. merge them into the FP8 backbone with the existing scale,
+     ``W8[K] = Q(DQ(W8[K]) + Buf[K] @ A)`` (saturating at the E4M3 max; ``rounding`` picks
+     nearest, stochastic, or nearest with the residual fed back into ``Buf``);
+  4. clear the merged rows (``reset="merged"``) or the whole buffer (``reset="all"``).
+* ``reference`` (the authors' code): ``paper`` with ``k = rank`` and ``reset="all"``.
 
 A matrix whose incoming update is exactly zero (no optimizer step happened: accumulation
 mini-steps of ``optax.MultiSteps``, a zero learning rate) merges nothing and keeps its buffer.
 
 ``updates`` may hold ``None`` for leaves that were not differentiated (for example when
 gradients are taken only with respect to the trainable leaves); ``None`` passes through.
-Incoming updates for ``w8`` and ``scale`` (zero gradients, or weight decay) are discarded and
-``b`` gets a zero update, so it stays exactly zero. Every other leaf passes through unchanged.
+Incoming updates for ``w8`` and ``scale`` (zero gradients, or weight decay) are discarded;
+with the proxy rules ``b`` gets a zero update, so it stays exactly zero. Every other leaf
+passes through unchanged.
 
-How the merge reaches the weights: the update for ``w8`` is a :class:`RowMerge` -- the ``k``
-row indices and their increments -- instead of a dense array. ``optax.apply_updates`` computes
-``w8 + update``; ``RowMerge.__radd__`` turns that into a scatter of ``k`` rows into ``w8``.
-So plain ``optax.apply_updates`` works, untouched rows stay bit-identical, and with the
-params donated to ``jax.jit`` the weight is updated in place without any dense temporary
-(a dense ``w8``-shaped update would cost ``out x in`` bytes per matrix, and FP8 addition of a
-dense delta could not reproduce ``Q(DQ(W8) + delta)`` exactly anyway). ``RowMerge`` is linear
-under the masks optax applies (``optax.MultiSteps`` multiplies updates by 0 or 1,
-``apply_if_finite`` selects zeros): an all-zero ``RowMerge`` leaves ``w8`` bit-identical.
+How a merge reaches the weights: the update for ``w8`` is a :class:`RowMerge` -- the ``k``
+row indices and their exact increments (the rounding happens here, in the optimizer) --
+instead of a dense array. ``optax.apply_updates`` computes ``w8 + update``;
+``RowMerge.__radd__`` turns that into a write of ``k`` rows into ``w8`` (zero rows for
+``visible``). So plain ``optax.apply_updates`` works, untouched rows stay bit-identical, and
+with the params donated to ``jax.jit`` the weight is updated in place without any dense
+temporary (a dense ``w8``-shaped update would cost ``out x in`` bytes per matrix).
+``RowMerge`` is linear under the masks optax applies (``optax.MultiSteps`` multiplies updates
+by 0 or 1, ``apply_if_finite`` selects zeros): an all-zero ``RowMerge`` leaves ``w8``
+bit-identical.
 """
 
 from __future__ import annotations
@@ -56,13 +64,15 @@ Resets = Literal["merged", "all"]
 
 
 class FalqonState(NamedTuple):
-    """Optimizer state: one float32 proxy buffer ``(..., out, rank)`` per melded matrix.
+    """Optimizer state: one float32 proxy buffer ``(..., out, rank)`` per melded matrix
+    (proxy rules only; empty for ``visible*``) and the int32 step count.
 
     ``buffers`` is a nested dict mirroring the params' paths (e.g.
     ``{"layers": {"mlp": {"up": Array}}}``), so checkpoints stay readable.
     """
 
     buffers: dict[str, Any]
+    count: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -108,6 +118,8 @@ def merge_rows(w8: jax.Array, rows: jax.Array, delta: jax.Array) -> jax.Array:
     """
     w8 = jnp.asarray(w8)
     shape = w8.shape
+    if rows.shape[-1] == 0:
+        return w8
     stacked = w8.reshape((-1,) + shape[-2:])  # (L, R, in)
     flat_rows = jnp.reshape(rows, (-1,)).astype(jnp.int32)  # (L * k,)
     k = rows.shape[-1]
@@ -130,67 +142,214 @@ def _add_saturating(old: jax.Array, delta: jax.Array) -> jax.Array:
     return jnp.where(delta == 0, old, summed)
 
 
+RULES = ("visible", "visible_merge", "paper", "reference")
+ROUNDINGS = ("nearest", "stochastic", "feedback")
+DEFAULT_RULE = "visible"
+_PROXY_RULES = ("paper", "reference")
+
+
+def rule_uses_live_b(rule: str) -> bool:
+    """Whether layers trained by ``rule`` add ``(A x) b^T`` in the forward pass
+    (:attr:`~falqon_jax.melded.MeldedLinear.b_in_forward`)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    return rule not in _PROXY_RULES
+
+
 def falqon_update(
-    top_k: int | None = 10, *, reset: Resets = "merged"
+    top_k: int | None = 10,
+    *,
+    rule: str = DEFAULT_RULE,
+    reset: Resets = "merged",
+    rounding: str = "nearest",
+    seed: int = 0,
 ) -> optax.GradientTransformation:
-    """FALQON's proxy-buffer update with row-wise top-k merging.
+    """FALQON's update of the melded layers' ``b`` (and of their FP8 weights).
 
     Args:
-      top_k: rows merged per matrix per step (the paper uses 10; ``None`` merges every row).
-        Must not exceed any melded layer's ``out``.
-      reset: ``"merged"`` clears only the merged rows of the buffer (the paper);
-        ``"all"`` clears the whole buffer after each merge (the reference code).
+      top_k: rows merged per matrix per step by ``paper`` and ``visible_merge`` (the paper
+        uses 10; ``None`` merges every row). Must not exceed any melded layer's ``out``.
+      rule: how ``b``'s update reaches the model.
+
+        * ``"visible"`` (default): ``b`` is a live adapter in the forward pass
+          (``y += (A x) b^T``); its update is applied to ``b`` directly and nothing is
+          merged into ``w8`` while training (exports fold ``b A`` in exactly).
+        * ``"visible_merge"``: as ``visible``, then the top-``k`` rows of ``b`` (by L1 norm)
+          are merged into ``w8`` wherever an entry's change reaches a full FP8 step of that
+          entry; the unapplied remainder goes back into ``b`` (least squares on ``A``'s rows).
+        * ``"paper"``: the paper's proxy buffer: ``b`` stays zero, updates accumulate in a
+          float32 buffer whose top-``k`` rows are merged into ``w8`` each step, then cleared
+          (``reset``).
+        * ``"reference"``: the authors' code: the proxy buffer with ``k = rank`` and the whole
+          buffer cleared after every merge (``top_k`` and ``reset`` are ignored).
+      reset: for ``paper``: ``"merged"`` clears only the merged rows of the buffer (the
+        paper), ``"all"`` the whole buffer.
+      rounding: how merged entries are rounded to E4M3: ``"nearest"`` (round to nearest
+        even), ``"stochastic"`` (unbiased: up with probability equal to the fraction of the
+        step), or ``"feedback"`` (nearest, and the rounding residual of the merged rows is
+        written back into the proxy buffer instead of being cleared; ``visible_merge``
+        always keeps its remainder, so there it equals ``"nearest"``).
+      seed: seeds stochastic rounding (with the step count and the layer's position).
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``. Its state is a
-      :class:`FalqonState` (a plain pytree of float32 arrays).
+      :class:`FalqonState` (a plain pytree: float32 buffers and an int32 step count).
+
+    Layers must match the rule: ``visible*`` rules need melded layers built with
+    ``b_in_forward=True`` (the default of :func:`falqon_jax.melded.init`), the proxy rules
+    ``b_in_forward=False``; a mismatch raises ``ValueError``.
     """
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    live = rule_uses_live_b(rule)
     if reset not in ("merged", "all"):
         raise ValueError(f'reset must be "merged" or "all", got {reset!r}')
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
 
     def init_fn(params: optax.Params) -> FalqonState:
         buffers: dict[str, Any] = {}
         for path, layer in _melded_layers(params):
-            _nested_set(buffers, path, jnp.zeros(layer.b.shape, jnp.float32))
-        return FalqonState(buffers)
+            _check_layer(layer, path, rule, live)
+            if not live:
+                _nested_set(buffers, path, jnp.zeros(layer.b.shape, jnp.float32))
+        return FalqonState(buffers, jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state: FalqonState, params=None):
         if params is None:
             raise ValueError("falqon_update needs params: call tx.update(grads, state, params)")
         new_buffers: dict[str, Any] = {}
+        base_key = jax.random.fold_in(jax.random.key(seed), state.count)
+        position = iter(range(1 << 30))
 
         def visit(path, update, layer):
             if not is_melded(layer):
                 return update
             names = _path_names(path)
+            _check_layer(layer, names, rule, live)
+            key = jax.random.fold_in(base_key, next(position))
             incoming = update.b.astype(jnp.float32)
             stepped = jnp.any(incoming != 0, axis=(-2, -1))  # per (stacked) matrix
+            if rule == "visible":
+                return _layer_update(layer, _no_merge(layer), update.b)
+            if rule == "visible_merge":
+                k = _resolve_k(top_k, layer, names)
+                rows, delta, u_b = _merge_live_rows(layer, incoming, stepped, k, rounding, key)
+                return _layer_update(layer, RowMerge(rows, delta), u_b)
             buffer = _nested_get(state.buffers, names) + incoming
-            k = _resolve_k(top_k, layer, names)
-            rows, delta, buffer = _select_and_reset(buffer, stepped, layer, k, reset)
+            if rule == "reference":
+                k, layer_reset = layer.rank, "all"
+            else:
+                k, layer_reset = _resolve_k(top_k, layer, names), reset
+            rows, delta, buffer = _select_and_reset(buffer, stepped, layer, k, layer_reset,
+                                                    rounding, key)
             _nested_set(new_buffers, names, buffer)
-            return MeldedLinear(
-                w8=RowMerge(rows=rows, delta=delta),
-                scale=jnp.zeros_like(layer.scale),
-                b=jnp.zeros_like(layer.b),
-                out=layer.out,
-                rank=layer.rank,
-            )
+            return _layer_update(layer, RowMerge(rows, delta), jnp.zeros_like(layer.b))
 
         new_updates = jax.tree_util.tree_map_with_path(
             visit, updates, params, is_leaf=_melded_or_none
         )
-        return new_updates, FalqonState(new_buffers)
+        return new_updates, FalqonState(new_buffers, state.count + 1)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _select_and_reset(
-    buffer: jax.Array, stepped: jax.Array, layer: MeldedLinear, k: int, reset: Resets
+def _check_layer(layer: MeldedLinear, names, rule: str, live: bool) -> None:
+    if layer.b_in_forward != live:
+        where = "/".join(names) or "params"
+        how = "b_in_forward=True" if live else "b_in_forward=False"
+        raise ValueError(
+            f"rule {rule!r} needs melded layers built with {how}, but {where} has "
+            f"b_in_forward={layer.b_in_forward}: build them with melded.init(..., {how})"
+        )
+
+
+def _layer_update(layer: MeldedLinear, w8_update: RowMerge, b_update: jax.Array) -> MeldedLinear:
+    return MeldedLinear(
+        w8=w8_update,
+        scale=jnp.zeros_like(layer.scale),
+        b=b_update,
+        out=layer.out,
+        rank=layer.rank,
+        b_in_forward=layer.b_in_forward,
+    )
+
+
+def _no_merge(layer: MeldedLinear) -> RowMerge:
+    """A :class:`RowMerge` of zero rows: ``w8`` is left as it is."""
+    lead = layer.w8.shape[:-2]
+    return RowMerge(rows=jnp.zeros(lead + (0,), jnp.int32),
+                    delta=jnp.zeros(lead + (0, layer.w8.shape[-1]), jnp.float32))
+
+
+def _top_rows(matrix: jax.Array, k: int) -> jax.Array:
+    """Indices int32 ``(..., k)`` of the ``k`` rows of ``matrix (..., out, r)`` with the
+    largest L1 norm.
+
+    Ranked by the norms rounded to 10 significant bits, ties to the lower row index (a
+    stable sort; a top_k partitioned over a sharded axis breaks ties differently). Rows
+    within ~0.1% of each other are interchangeable for the method, and this keeps the
+    choice independent of float32 summation order, i.e. of the device layout. Right after
+    Adam's first step, whose updates all have magnitude lr, nearly every row ties.
+    """
+    coarse = _round_mantissa(jnp.sum(jnp.abs(matrix), axis=-1), 10)
+    return jnp.argsort(-coarse, axis=-1, stable=True)[..., :k].astype(jnp.int32)
+
+
+def _a8(layer: MeldedLinear) -> jax.Array:
+    """``A`` in quantized units (``w8[out:]`` as float32), ``(..., rank, in)``."""
+    return layer.w8[..., layer.out :, :].astype(jnp.float32)
+
+
+def _rows_of(w8: jax.Array, rows: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(w8, rows[..., None], axis=-2)  # (..., k, in)
+
+
+def _merge_live_rows(
+    layer: MeldedLinear, incoming: jax.Array, stepped: jax.Array, k: int, rounding: str,
+    key: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pick the top-k rows of ``buffer`` by L1 norm and compute their increments.
+    """``visible_merge``: fold the top-``k`` rows of the new ``b`` into ``w8`` where an
+    entry's change reaches a full FP8 step; keep the remainder in ``b``.
+
+    Returns ``rows (..., k)``, the exact ``w8`` increments ``(..., k, in)`` in quantized units
+    and the update of ``b`` (``incoming`` with the merged rows replaced by their remainder).
+    """
+    b_new = layer.b.astype(jnp.float32) + incoming
+    rows = _top_rows(b_new, k)
+    picked = jnp.take_along_axis(b_new, rows[..., None], axis=-2)  # (..., k, r)
+    a8 = _a8(layer)
+    delta = (picked @ a8) * stepped[..., None, None]  # quantized units
+    old = _rows_of(layer.w8, rows)
+    reaches = jnp.abs(delta) >= fp8.step_away_from_zero(old)
+    new = fp8.round_to(old.astype(jnp.float32) + jnp.where(reaches, delta, 0.0), old.dtype,
+                       "stochastic" if rounding == "stochastic" else "nearest", key)
+    applied = new.astype(jnp.float32) - old.astype(jnp.float32)
+    kept = _to_rank_space(delta - applied, a8)  # (..., k, r)
+    kept = jnp.where(stepped[..., None, None], kept, picked)
+    return rows, applied, incoming + _put_rows(jnp.zeros_like(b_new), rows, kept - picked)
+
+
+def _put_rows(matrix: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """``matrix (..., out, r)`` with rows ``rows (..., k)`` replaced by ``values (..., k, r)``."""
+    index = jnp.broadcast_to(rows[..., None], values.shape)
+    return jnp.put_along_axis(matrix, index, values, axis=-2, inplace=False)
+
+
+def _to_rank_space(residual: jax.Array, a8: jax.Array) -> jax.Array:
+    """Least-squares ``c`` with ``c @ a8 ~ residual``: ``(..., k, in) -> (..., k, r)``."""
+    gram = a8 @ jnp.swapaxes(a8, -1, -2)  # (..., r, r)
+    ridge = 1e-7 * jnp.mean(jnp.diagonal(gram, axis1=-2, axis2=-1), axis=-1)
+    gram = gram + ridge[..., None, None] * jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    rhs = residual @ jnp.swapaxes(a8, -1, -2)  # (..., k, r)
+    return jnp.swapaxes(jnp.linalg.solve(gram, jnp.swapaxes(rhs, -1, -2)), -1, -2)
+
+
+def _select_and_reset(
+    buffer: jax.Array, stepped: jax.Array, layer: MeldedLinear, k: int, reset: Resets,
+    rounding: str, key: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pick the top-k rows of ``buffer`` by L1 norm, round their merge and reset the buffer.
 
     Args:
       buffer: float32 ``(..., out, rank)``, already holding this step's update.
@@ -199,28 +358,30 @@ def _select_and_reset(
       layer: the (possibly stacked) melded layer the buffer belongs to.
 
     Returns:
-      ``rows`` int32 ``(..., k)``, ``delta`` float32 ``(..., k, in)`` in quantized units
-      (``Buf[K] @ A / scale == Buf[K] @ A8``), and the buffer after the reset.
+      ``rows`` int32 ``(..., k)``; the exact increments of those rows of ``w8`` in quantized
+      units (``Q(w8[K] + Buf[K] @ A8) - w8[K]``, where ``Buf[K] @ A8 == Buf[K] @ A / scale``);
+      and the buffer after the reset (with ``rounding="feedback"`` the merged rows keep
+      their rounding residual instead of being cleared).
     """
-    row_norms = jnp.sum(jnp.abs(buffer), axis=-1)  # (..., out)
-    # Rank by the norms rounded to 10 significant bits, ties to the lower row index (a
-    # stable sort; a top_k partitioned over a sharded axis breaks ties differently). Rows
-    # within ~0.1% of each other are interchangeable for the method, and this keeps the
-    # choice independent of float32 summation order, i.e. of the device layout. Right after
-    # Adam's first step, whose updates all have magnitude lr, nearly every row ties.
-    coarse = _round_mantissa(row_norms, 10)
-    rows = jnp.argsort(-coarse, axis=-1, stable=True)[..., :k]
+    rows = _top_rows(buffer, k)
     picked = jnp.take_along_axis(buffer, rows[..., None], axis=-2)  # (..., k, rank)
-    a8 = layer.w8[..., layer.out :, :].astype(jnp.float32)  # (..., rank, in)
-    delta = (picked @ a8) * stepped[..., None, None]  # == Buf[K] @ (A8 * s) / s
+    a8 = _a8(layer)
+    delta = (picked @ a8) * stepped[..., None, None]
+    old = _rows_of(layer.w8, rows)
+    mode = "stochastic" if rounding == "stochastic" else "nearest"
+    new = fp8.round_to(old.astype(jnp.float32) + delta, old.dtype, mode, key)
+    applied = new.astype(jnp.float32) - old.astype(jnp.float32)
     if reset == "all":
         cleared = jnp.zeros_like(buffer)
     else:
-        keep = jnp.ones(row_norms.shape, jnp.float32)
+        keep = jnp.ones(buffer.shape[:-1], jnp.float32)
         keep = jnp.put_along_axis(keep, rows, 0.0, axis=-1, inplace=False)
         cleared = buffer * keep[..., None]
+    if rounding == "feedback":
+        residual = _to_rank_space(delta - applied, a8)
+        cleared = _put_rows(cleared, rows, residual)
     buffer = jnp.where(stepped[..., None, None], cleared, buffer)
-    return rows.astype(jnp.int32), delta, buffer
+    return rows, applied, buffer
 
 
 def _round_mantissa(x: jax.Array, bits: int) -> jax.Array:
@@ -253,7 +414,8 @@ def trainable_mask(params: optax.Params) -> Any:
 
     def mark(leaf):
         if is_melded(leaf):
-            return MeldedLinear(w8=False, scale=False, b=True, out=leaf.out, rank=leaf.rank)
+            return MeldedLinear(w8=False, scale=False, b=True, out=leaf.out, rank=leaf.rank,
+                                b_in_forward=leaf.b_in_forward)
         return jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
 
     return jax.tree.map(mark, params, is_leaf=is_melded)
@@ -263,10 +425,14 @@ def falqon_optimizer(
     inner: optax.GradientTransformation,
     top_k: int | None = 10,
     *,
+    rule: str = DEFAULT_RULE,
     reset: Resets = "merged",
+    rounding: str = "nearest",
+    seed: int = 0,
     every_k: int = 1,
 ) -> optax.GradientTransformation:
-    """``inner`` (e.g. clipping + AdamW) on the trainable leaves, then :func:`falqon_update`.
+    """``inner`` (e.g. clipping + AdamW) on the trainable leaves, then :func:`falqon_update`
+    (``top_k``, ``rule``, ``reset``, ``rounding`` and ``seed`` are passed to it).
 
     Equivalent to ``optax.chain(optax.masked(inner, trainable_mask), falqon_update(...))``,
     with ``inner`` wrapped in ``optax.MultiSteps(inner, every_k)`` for gradient accumulation
@@ -282,7 +448,8 @@ def falqon_optimizer(
         raise ValueError(f"every_k must be >= 1, got {every_k}")
     if every_k > 1:
         inner = optax.MultiSteps(inner, every_k_schedule=every_k)
-    return optax.chain(optax.masked(inner, trainable_mask), falqon_update(top_k, reset=reset))
+    merge = falqon_update(top_k, rule=rule, reset=reset, rounding=rounding, seed=seed)
+    return optax.chain(optax.masked(inner, trainable_mask), merge)
 
 
 # --------------------------------------------------------------------------------------

@@ -93,6 +93,8 @@ def read_run_config(run_dir: Path) -> Any:
     """The run's :class:`~falqon_jax.train_config.TrainConfig` from ``run_dir/config.json``.
 
     Keys the current ``TrainConfig`` does not know are ignored (runs from other versions).
+    A FALQON run saved before update rules existed trained with the paper's rule and
+    natural-scale ``A``, so its missing ``rule``/``a_scale`` read as those.
     """
     from falqon_jax.train_config import TrainConfig
 
@@ -101,6 +103,8 @@ def read_run_config(run_dir: Path) -> Any:
         raise LoadError(f"{run_dir}/config.json is missing or not a training run's settings")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in data.items() if k in fields}
+    if "rule" not in data:
+        values |= {"rule": "paper", "a_scale": "natural"}
     if isinstance(values.get("targets"), list):
         values["targets"] = tuple(values["targets"])
     return TrainConfig(**values)
@@ -125,8 +129,9 @@ def run_module(config: Any, dtype: str | None = None) -> Llama:
     same parameter structure as FALQON.
     """
     arch = _architecture(config.model)
-    method = "falqon_random_a" if config.method == "falqon" and config.init_a == "random" \
-        else config.method
+    from falqon_jax.methods import linear_method
+
+    method = linear_method(config)
     with warnings.catch_warnings():  # the run already reported unconverted layers
         warnings.simplefilter("ignore", UserWarning)
         plan = plan_linears(arch, method, targets=config.targets, rank=config.rank,

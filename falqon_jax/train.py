@@ -132,9 +132,9 @@ def load_tokenizer(config: TrainConfig) -> Any:
 def load(config: TrainConfig) -> Any:
     from falqon_jax import load_model
 
-    method = config.method
-    if method == "falqon" and config.init_a == "random":
-        method = "falqon_random_a"
+    from falqon_jax.methods import linear_method
+
+    method = linear_method(config)
     try:
         return load_model(
             config.model, method=method, rank=config.rank, alpha=config.alpha,
@@ -159,7 +159,7 @@ def check_model_limits(config: TrainConfig, model: Any, tokenizer: Any) -> None:
     melded = [leaf for leaf in jax.tree.leaves(model.params, is_leaf=is_melded) if is_melded(leaf)]
     if config.method == "falqon" and not melded:
         raise UserError("no layer of this model could be converted to FALQON (dims % 16 != 0)")
-    if melded:
+    if melded and config.rule in ("paper", "visible_merge"):
         smallest = min(leaf.out for leaf in melded)
         if config.top_k > smallest:
             raise UserError(

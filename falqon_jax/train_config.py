@@ -18,6 +18,8 @@ from typing import Any
 from falqon_jax.cli import OneLineParser
 
 METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
+RULES = ("visible", "visible_merge", "paper", "reference")  # = falqon_jax.optax.RULES
+ROUNDINGS = ("nearest", "stochastic", "feedback")  # = falqon_jax.optax.ROUNDINGS
 DEMO_DATA = "demo"
 
 
@@ -35,9 +37,12 @@ class TrainConfig:
     method: str = "falqon"
     rank: int = 64
     alpha: float = 16.0
+    rule: str = "visible"
     top_k: int = 10
     reset: str = "merged"
+    rounding: str = "nearest"
     init_a: str = "svd"
+    a_scale: str = "lora"
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     lr: float = 2e-3
     schedule: str = "constant"
@@ -75,7 +80,8 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """Settings a resumed run must share with the run it continues."""
-        keys = ("model", "method", "rank", "alpha", "top_k", "reset", "init_a", "targets",
+        keys = ("model", "method", "rank", "alpha", "rule", "top_k", "reset", "rounding",
+                "init_a", "a_scale", "targets",
                 "dtype", "data", "seed", "batch_size", "grad_accum", "source_len",
                 "target_len", "eval_size")
         return {k: _jsonable(getattr(self, k)) for k in keys}
@@ -127,9 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--method", choices=METHODS)
     add("--rank", type=int, help="adapter rank (paper: 64)")
     add("--alpha", type=float, help="LoRA alpha for the LoRA baselines (paper: 16)")
-    add("--top-k", type=int, help="FALQON rows merged per matrix per step (paper: 10)")
-    add("--reset", choices=("merged", "all"), help="FALQON buffer reset after a merge")
+    add("--rule", choices=RULES, help="FALQON update rule: visible (default: b is a live "
+        "adapter, nothing rounds away), visible_merge, paper (proxy buffer, top-k merges), "
+        "reference (the authors' code: k = rank, whole buffer cleared)")
+    add("--top-k", type=int, help="FALQON rows merged per matrix per step (paper, "
+        "visible_merge; paper: 10)")
+    add("--reset", choices=("merged", "all"), help="FALQON paper rule: buffer reset after a merge")
+    add("--rounding", choices=ROUNDINGS, help="FALQON merges: nearest, stochastic, or "
+        "feedback (the rounding residual goes back into the proxy buffer)")
     add("--init-a", choices=("svd", "random"), help="FALQON's A: SVD of the quantization error")
+    add("--a-scale", choices=("lora", "natural"), help="FALQON's A row norm: lora (PEFT "
+        "LoRA's, times alpha/rank; default) or natural (the paper's sqrt(S) V^T)")
     add("--targets", help="comma-separated layers to adapt: q,k,v,o,gate,up,down[,lm_head]")
     add("--lr", type=float, help="peak learning rate (paper: 2e-3)")
     add("--schedule", choices=("constant", "cosine", "linear"), help="after warm-up")

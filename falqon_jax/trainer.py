@@ -116,7 +116,8 @@ class Trainer:
         self.optimizer = make_optimizer(config)
         self.merge = None
         if config.method == "falqon":
-            self.merge = falqon_update(config.top_k, reset=config.reset)
+            self.merge = falqon_update(config.top_k, rule=config.rule, reset=config.reset,
+                                       rounding=config.rounding, seed=config.seed)
         self.schedule = learning_rate(config)
         self.train_step = jax.jit(self._under_mesh(self._train_step), donate_argnums=(0,))
         self.eval_step = jax.jit(self._under_mesh(self._eval_sums))

@@ -1,5 +1,7 @@
 """The melded layer against a float64 NumPy reference of the same quantized math."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,15 @@ def _weight(seed=0, out=OUT, inp=IN):
     return (rng.standard_normal((out, inp)) * 0.05).astype(np.float32)
 
 
-def _layer(seed=0, rank=RANK):
-    return melded.init(jnp.asarray(_weight(seed)), rank)
+def _layer(seed=0, rank=RANK, live=False):
+    return melded.init(jnp.asarray(_weight(seed)), rank, b_in_forward=live)
+
+
+def _live_layer(seed=0):
+    """A live-``b`` layer with a non-zero ``b`` (as after some training)."""
+    p = _layer(seed, live=True)
+    b = np.random.default_rng(seed + 100).standard_normal((OUT, RANK)).astype(np.float32) * 0.1
+    return dataclasses.replace(p, b=jnp.asarray(b))
 
 
 def test_init_layout_and_dtypes():
@@ -168,10 +177,13 @@ def test_apply_rejects_stacked_weights_and_wrong_width():
         melded.apply(p, jnp.ones((2, IN + 16)))
 
 
-def test_one_fp8_gemm_forward_and_three_casts_per_fwd_bwd():
+@pytest.mark.parametrize("live", [False, True])
+def test_one_fp8_gemm_forward_and_three_casts_per_fwd_bwd(live):
     """Lowered program of fwd+bwd: 3 FP8 GEMMs (y/ax, dx, db) and 3 casts to FP8, of which
-    2 are token x feature sized (x and g) and 1 is token x rank sized (ax)."""
-    p = _layer()
+    2 are token x feature sized (x and g) and 1 is token x rank sized (ax). A live ``b``
+    adds 3 rank-sized GEMMs that are not FP8 (``(A x) b^T``, ``g b``, ``(g b) A``) and no
+    cast to FP8."""
+    p = _layer(live=live)
     x = jnp.ones((256, IN), jnp.float32)
     g = jnp.ones((256, OUT), jnp.float32)
 
@@ -180,6 +192,73 @@ def test_one_fp8_gemm_forward_and_three_casts_per_fwd_bwd():
         return y, vjp(g)
 
     report = hlo.analyze(fwd_bwd, p, x, g, large_elements=256 * 32)
-    assert report["lowered"] == {"fp8_casts": 3, "fp8_casts_large": 2, "gemms": 3, "fp8_gemms": 3}
+    extra = 3 if live else 0
+    assert report["lowered"] == {"fp8_casts": 3, "fp8_casts_large": 2, "gemms": 3 + extra,
+                                 "fp8_gemms": 3}
     fwd = hlo.analyze(melded.apply, p, x, large_elements=256 * 32)
-    assert fwd["lowered"]["gemms"] == 1 and fwd["lowered"]["fp8_casts"] == 1
+    assert fwd["lowered"]["gemms"] == 1 + extra // 3 and fwd["lowered"]["fp8_casts"] == 1
+
+
+def test_live_b_forward_and_backward_match_reference():
+    """``y = Q(x) [W; A]^T`` split, plus ``(A x) b^T``; ``dL/dx`` adds ``(g b) A`` (float32
+    here, not FP8); ``dL/db`` is unchanged. Float64 NumPy reference from the layer's saved
+    ``A x``, worst-case float32 summation bounds."""
+    p = _live_layer(3)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((TOKENS, IN)).astype(np.float32)
+    g = rng.standard_normal((TOKENS, OUT)).astype(np.float32)
+    y, vjp = jax.vjp(melded.apply, p, jnp.asarray(x))
+    dp, dx = vjp(jnp.asarray(g))
+    w8, scale, b = np.asarray(p.w8), float(p.scale), np.asarray(p.b, np.float64)
+    y_ref, ax_ref, x8, sx = ref.melded_forward(w8, np.float32(scale), OUT, x)
+    _, ax = melded._forward(p, jnp.asarray(x))
+    ax64 = np.asarray(ax, np.float64)
+    ax_bound = ref.summation_bound(np.abs(ref.f64(x8)), np.abs(ref.f64(w8[OUT:])).T, IN,
+                                   float(sx) * scale)
+    assert np.all(np.abs(ax64 - ax_ref) <= ax_bound)
+    y_want = y_ref + ax64 @ b.T
+    y_bound = (ref.summation_bound(np.abs(ref.f64(x8)), np.abs(ref.f64(w8[:OUT])).T, IN,
+                                   float(sx) * scale)
+               + ref.summation_bound(np.abs(ax64), np.abs(b).T, RANK, 1.0)
+               + 2.0**-24 * (np.abs(y_ref) + np.abs(ax64 @ b.T)))
+    assert np.all(np.abs(np.asarray(y, np.float64) - y_want) <= y_bound)
+    a = ref.f64(w8[OUT:]) * scale
+    dx_ref, db_ref, g8, sg, ax8, sax = ref.melded_backward(w8, np.float32(scale), OUT,
+                                                          np.asarray(ax), g)
+    gb = g.astype(np.float64) @ b
+    dx_want = dx_ref + gb @ a
+    dx_bound = (ref.summation_bound(np.abs(ref.f64(g8)), np.abs(ref.f64(w8[:OUT])), OUT,
+                                    float(sg) * scale)
+                + ref.summation_bound(np.abs(g.astype(np.float64)), np.abs(b), OUT, 1.0)
+                @ np.abs(a) * 2 + ref.summation_bound(np.abs(gb), np.abs(a), RANK, 1.0)
+                + 2.0**-24 * np.abs(dx_want))
+    assert np.all(np.abs(np.asarray(dx, np.float64) - dx_want) <= dx_bound)
+    db_bound = ref.summation_bound(np.abs(ref.f64(g8)).T, np.abs(ref.f64(ax8)), TOKENS,
+                                   float(sg) * float(sax))
+    assert np.all(np.abs(np.asarray(dp.b, np.float64) - db_ref) <= db_bound)
+    assert dp.b_in_forward and not np.any(np.asarray(dp.w8.astype(jnp.float32)))
+    # The live term is really there: the same layer without it differs by (A x) b^T.
+    assert np.abs(ax64 @ b.T).max() > 100 * y_bound.max()
+
+
+def test_effective_weight_is_backbone_plus_b_a():
+    p = _live_layer(4)
+    want = ref.f64(np.asarray(p.w8)) * float(p.scale)
+    want = want[:OUT] + np.asarray(p.b, np.float64) @ want[OUT:]
+    np.testing.assert_allclose(np.asarray(melded.effective_weight(p)), want, rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_a_row_norm_rescales_rows_and_never_exceeds_w():
+    w = _weight(5)
+    w[0, 0] = 2.0  # an outlier, as real weights have: A's entries stay below W's amax
+    norm = melded.lora_row_norm(IN, RANK, 16.0)
+    assert norm == pytest.approx(1 / np.sqrt(3))  # alpha / rank = 1
+    p = melded.init(jnp.asarray(w), RANK, a_row_norm=norm)
+    rows = np.linalg.norm(np.asarray(p.a(), np.float64), axis=1)
+    # E4M3 rounds each entry by at most 2^-4 relative (plus subnormals near zero).
+    np.testing.assert_allclose(rows, norm, rtol=2.0**-4)
+    huge = melded.init(jnp.asarray(w), RANK, a_row_norm=100.0)  # would dominate W's scale
+    assert np.abs(np.asarray(huge.a())).max() <= np.abs(w).max() * (1 + 2.0**-4)
+    q, s = ref.quantize(w, ref.E4M3)
+    assert float(huge.scale) == float(s)  # the shared scale stays W's own

@@ -14,17 +14,19 @@ from tests import reference as ref
 OUT, IN, RANK, LAYERS = 32, 48, 16, 3
 
 
-def _stacked_layer(seed=0, layers=LAYERS):
+def _stacked_layer(seed=0, layers=LAYERS, live=False):
     rng = np.random.default_rng(seed)
-    ps = [melded.init(jnp.asarray(rng.standard_normal((OUT, IN)) * 0.05, jnp.float32), RANK)
+    ps = [melded.init(jnp.asarray(rng.standard_normal((OUT, IN)) * 0.05, jnp.float32), RANK,
+                      b_in_forward=live)
           for _ in range(layers)]
     return jax.tree.map(lambda *a: jnp.stack(a), *ps)
 
 
-def _params(seed=0):
+def _params(seed=0, live=False):
+    """Melded layers for the proxy rules (``live=False``) or the ``visible*`` rules."""
     single = melded.init(jnp.asarray(np.random.default_rng(seed + 9).standard_normal((OUT, IN))
-                                     * 0.05, jnp.float32), RANK)
-    return {"stack": _stacked_layer(seed), "single": single, "norm": jnp.ones((IN,))}
+                                     * 0.05, jnp.float32), RANK, b_in_forward=live)
+    return {"stack": _stacked_layer(seed, live=live), "single": single, "norm": jnp.ones((IN,))}
 
 
 def _fake_updates(params, rng, scale=0.02):
@@ -33,7 +35,7 @@ def _fake_updates(params, rng, scale=0.02):
         if melded.is_melded(leaf):
             b = jnp.asarray(rng.standard_normal(leaf.b.shape) * scale, jnp.float32)
             return melded.MeldedLinear(jnp.zeros_like(leaf.w8), jnp.zeros_like(leaf.scale), b,
-                                       leaf.out, leaf.rank)
+                                       leaf.out, leaf.rank, leaf.b_in_forward)
         return jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32)
     return jax.tree.map(make, params, is_leaf=melded.is_melded)
 
@@ -57,7 +59,7 @@ def _assert_merged_like_reference(got_w8, want_w8):
 @pytest.mark.parametrize("top_k", [1, 5, OUT])
 def test_matches_reference_over_steps(reset, top_k):
     params = _params()
-    tx = falqon_update(top_k, reset=reset)
+    tx = falqon_update(top_k, rule="paper", reset=reset)
     state = tx.init(params)
     refs = {name: ref.FalqonReference(
         np.asarray(params[name].w8).reshape((-1, OUT + RANK, IN)), OUT, top_k, reset)
@@ -88,7 +90,7 @@ def test_matches_reference_over_steps(reset, top_k):
 
 def test_untouched_rows_stay_bit_identical_and_only_k_rows_change():
     params = _params(2)
-    tx = falqon_update(3)
+    tx = falqon_update(3, rule="paper")
     state = tx.init(params)
     incoming = _fake_updates(params, np.random.default_rng(3), scale=1.0)
     updates, state = tx.update(incoming, state, params)
@@ -106,7 +108,8 @@ def test_untouched_rows_stay_bit_identical_and_only_k_rows_change():
 
 def test_optimizer_chain_under_jit_with_donation():
     params = _params(4)
-    tx = falqon_optimizer(optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(2e-3)), 10)
+    tx = falqon_optimizer(optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(2e-3)), 10,
+                          rule="paper")
     state = tx.init(params)
 
     def loss(p, x):
@@ -137,7 +140,7 @@ def _float32_frozen_slots(updates):
     def widen(leaf):
         if melded.is_melded(leaf):
             return melded.MeldedLinear(jnp.zeros(leaf.w8.shape, jnp.float32), leaf.scale,
-                                       leaf.b, leaf.out, leaf.rank)
+                                       leaf.b, leaf.out, leaf.rank, leaf.b_in_forward)
         return leaf
     return jax.tree.map(widen, updates, is_leaf=melded.is_melded)
 
@@ -147,10 +150,10 @@ def test_gradient_accumulation_accumulates_then_merges(form):
     params = _params(6)
     k_steps = 3
     if form == "multisteps-around-update":
-        tx = optax.MultiSteps(falqon_update(4), every_k_schedule=k_steps)
+        tx = optax.MultiSteps(falqon_update(4, rule="paper"), every_k_schedule=k_steps)
         prepare = _float32_frozen_slots  # optax's float32 accumulators cannot take float8
     else:  # masked accumulation of the trainable leaves only; float8 grads are fine
-        tx = falqon_optimizer(optax.identity(), 4, every_k=k_steps)
+        tx = falqon_optimizer(optax.identity(), 4, rule="paper", every_k=k_steps)
         prepare = lambda u: u  # noqa: E731
     state = tx.init(params)
     model = ref.FalqonReference(np.asarray(params["stack"].w8), OUT, 4, "merged")
@@ -179,7 +182,7 @@ def test_state_is_a_plain_pytree_orbax_can_save(tmp_path):
     import orbax.checkpoint as ocp
 
     params = _params(8)
-    tx = falqon_update(2)
+    tx = falqon_update(2, rule="paper")
     state = tx.init(params)
     updates, state = tx.update(_fake_updates(params, np.random.default_rng(9)), state, params)
     assert isinstance(state, FalqonState)
@@ -192,15 +195,18 @@ def test_state_is_a_plain_pytree_orbax_can_save(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, restored, state)
 
 
-def test_merge_touches_only_k_rows_in_memory():
+@pytest.mark.parametrize("rule", ["paper", "visible", "visible_merge"])
+def test_merge_touches_only_k_rows_in_memory(rule):
     """One donated update+apply step on a LLaMA-7B MLP matrix (11008 x 4096, rank 64, k=10,
     after AdamW) needs far less temporary memory than a dense copy of the weight (45 MB FP8)."""
     out, inp, rank = 11008, 4096, 64
     p = melded.MeldedLinear(
         w8=jax.ShapeDtypeStruct((out + rank, inp), jnp.float8_e4m3fn),
         scale=jax.ShapeDtypeStruct((), jnp.float32),
-        b=jax.ShapeDtypeStruct((out, rank), jnp.float32), out=out, rank=rank)
-    tx = falqon_optimizer(optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(2e-3)), 10)
+        b=jax.ShapeDtypeStruct((out, rank), jnp.float32), out=out, rank=rank,
+        b_in_forward=rule != "paper")
+    tx = falqon_optimizer(optax.chain(optax.clip_by_global_norm(3.0), optax.adamw(2e-3)), 10,
+                          rule=rule)
     state = jax.eval_shape(tx.init, p)
 
     def step(params, state, grads):
@@ -224,10 +230,19 @@ def test_bad_arguments():
         falqon_update(0)
     with pytest.raises(ValueError, match="reset"):
         falqon_update(10, reset="some")
+    with pytest.raises(ValueError, match="rule"):
+        falqon_update(10, rule="some")
+    with pytest.raises(ValueError, match="rounding"):
+        falqon_update(10, rounding="some")
     params = _params()
-    tx = falqon_update(OUT + 1)
+    tx = falqon_update(OUT + 1, rule="paper")
     state = tx.init(params)
     with pytest.raises(ValueError, match="exceeds"):
         tx.update(_fake_updates(params, np.random.default_rng(0)), state, params)
     with pytest.raises(ValueError, match="needs params"):
-        falqon_update(2).update(params, falqon_update(2).init(params))
+        falqon_update(2).update(params, falqon_update(2, rule="paper").init(params))
+    # Layers must match the rule: a live rule on proxy layers would train an unused b.
+    with pytest.raises(ValueError, match="b_in_forward=True"):
+        falqon_update(2, rule="visible").init(params)
+    with pytest.raises(ValueError, match="b_in_forward=False"):
+        falqon_update(2, rule="paper").init(_params(live=True))
