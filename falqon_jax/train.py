@@ -131,7 +131,6 @@ def load_tokenizer(config: TrainConfig) -> Any:
 
 def load(config: TrainConfig) -> Any:
     from falqon_jax import load_model
-
     from falqon_jax.methods import linear_method
 
     method = linear_method(config)

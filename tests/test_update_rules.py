@@ -13,7 +13,6 @@ from falqon_jax import fp8, melded
 from falqon_jax.optax import falqon_update
 from tests import reference as ref
 from tests.test_optax import (
-    IN,
     OUT,
     RANK,
     _assert_merged_like_reference,
