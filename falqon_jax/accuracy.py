@@ -3,23 +3,24 @@
 Every run goes through the training CLI (:func:`falqon_jax.train.main`, in-process), so the
 study measures exactly what ``python -m falqon_jax.train`` does:
 
-1. **Pretrain a base.** The ``tiny`` card (:file:`models/tiny.toml`) from random weights,
-   ``--method full``, on the training split of ``--data`` with the built-in character
-   tokenizer (``--tokenizer char``), seed 0. Every setting is passed explicitly
-   (:func:`pretrain_argv`); the run is deterministic for a given JAX build and device.
-2. **Export** its last checkpoint as a float32 Hugging Face directory
-   (``python -m falqon_jax.export --format hf --dtype float32``).
-3. **Fine-tune** that directory with every method and seed for the same steps, rank,
-   learning rate and batches (:func:`finetune_argv`), plus FALQON ablations: top-k, the
-   buffer reset rule and the initialisation of ``A``.
+1. **The base** is a real pretrained model: by default SmolLM2-135M-Instruct, converted
+   from the GGUF file in ``../shared/models/smollm2-135m-instruct`` into a cache directory
+   (:func:`prepare_smollm2`; ``--model DIR`` takes any Hugging Face LLaMA directory). Its
+   own held-out loss is measured with the same pipeline (:func:`base_argv`: LoRA, one step
+   at a learning rate of 1e-30, i.e. the untouched weights).
+2. **Fine-tune** it with every method and seed for the same steps, rank, learning rate and
+   batches (:func:`finetune_argv`), plus FALQON's other update rules and ablations
+   (:func:`variants`).
+3. Report per variant: the held-out loss (mean and sample standard deviation over seeds),
+   the fraction of LoRA's improvement over the base it recovers, and wall time.
 
 One held-out set everywhere. ``python -m falqon_jax.train`` draws the held-out examples with
 ``data.split(examples, eval_size, seed)``, so a different ``--seed`` would also hold out
-different examples. The study therefore fixes the split of seed 0 (the base's) and gives
-each seed ``s`` its own copy of the data file, reordered so that ``data.split(copy,
-eval_size, s)`` returns exactly the same training and held-out examples in the same order
-(:func:`write_seed_data`, checked after writing). The seed then changes only what it should:
-the adapter initialisation and the order of the training batches.
+different examples. The study therefore fixes the split of seed 0 and gives each seed ``s``
+its own copy of the data file, reordered so that ``data.split(copy, eval_size, s)`` returns
+exactly the same training and held-out examples in the same order (:func:`write_seed_data`,
+checked after writing). The seed then changes only what it should: the adapter
+initialisation and the order of the training batches.
 
 Runs are kept under ``--out``: a finished run with the same settings is reused, an
 interrupted one is resumed (``--resume``), so rerunning the command completes a study.
@@ -32,6 +33,8 @@ import dataclasses
 import datetime
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +44,9 @@ import numpy as np
 
 ADAPTER_METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
 TARGETS = "q,k,v,o,gate,up,down"
-BASE_CARD = "tiny"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+SMOLLM2_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "model.Q4_1.gguf"
+CACHE = Path.home() / ".cache" / "falqon-jax"
 
 
 class StudyError(ValueError):
@@ -54,30 +59,28 @@ class StudySettings:
 
     data: Path
     out: Path
-    methods: tuple[str, ...] = ("falqon", "lora", "fp8_lora", "qlora")
+    model: Path | None = None  # None: SmolLM2-135M-Instruct converted into CACHE
+    tokenizer: str | None = None  # None: the model directory's own tokenizer
+    methods: tuple[str, ...] = ("lora", "fp8_lora", "qlora", "falqon")
     seeds: tuple[int, ...] = (0, 1, 2)
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
     ablations: bool = True
-    pretrain_steps: int = 800
-    pretrain_lr: float = 3e-3
-    steps: int = 150
+    steps: int = 40
     lr: float = 2e-3
     rank: int = 16
     top_k: int = 10
-    batch_size: int = 16
-    source_len: int = 64
+    batch_size: int = 8
+    source_len: int = 48
     target_len: int = 64
     eval_size: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One fine-tuning setting: a ``--method`` and, for FALQON, top-k / reset / init of A."""
+    """One fine-tuning setting: a ``--method`` and, for FALQON, its rule and options."""
 
     method: str
-    top_k: int | None = None
-    reset: str | None = None
-    init_a: str | None = None
+    falqon: tuple[tuple[str, Any], ...] = ()  # CLI settings of FALQON (name, value)
     ablation: str = ""
 
     @property
@@ -87,89 +90,116 @@ class Variant:
     def keys(self) -> dict[str, Any]:
         """The row keys naming this variant (FALQON's settings only for FALQON)."""
         row: dict[str, Any] = {"method": self.method}
-        if self.method == "falqon":
-            row |= {"top_k": self.top_k, "reset": self.reset, "init_a": self.init_a}
+        row |= dict(self.falqon)
         if self.ablation:
             row["ablation"] = self.ablation
         return row
 
 
-def smallest_melded_rows() -> int:
-    """The fewest output rows among the base card's adapted projections (``k``/``v``): the
-    largest ``--top-k`` the training CLI accepts, i.e. "every row" of those layers."""
-    from falqon_jax.config import load_card
-    from falqon_jax.llama import linear_shapes
+def falqon_variant(settings: StudySettings, ablation: str = "", **options: Any) -> Variant:
+    """FALQON with the default rule unless ``options`` (``rule``, ``top_k``, ``reset``,
+    ``rounding``, ``init_a``, ``a_scale``, ``a_gain``) say otherwise."""
+    from falqon_jax.train_config import PAPER
 
-    shapes = linear_shapes(load_card(BASE_CARD))
-    return min(shapes[t][0] for t in TARGETS.split(","))
+    values = {"rule": PAPER.rule, "top_k": settings.top_k, "reset": PAPER.reset,
+              "rounding": PAPER.rounding, "init_a": PAPER.init_a, "a_scale": PAPER.a_scale,
+              "a_gain": PAPER.a_gain} | options
+    return Variant("falqon", tuple(sorted(values.items())), ablation)
 
 
 def variants(settings: StudySettings) -> list[Variant]:
-    """The methods (FALQON with the paper's settings) followed by FALQON's ablations."""
-    main = [
-        Variant(m, settings.top_k, "merged", "svd") if m == "falqon" else Variant(m)
-        for m in settings.methods
-    ]
-    if not settings.ablations or "falqon" not in settings.methods:
+    """The methods (FALQON with its default rule) followed by FALQON's other rules and
+    ablations: the paper's rule as published (top-k proxy merges, ``A`` at its natural
+    scale), the authors' code, stochastic and error-feedback merges, ``visible_merge``,
+    and the default rule with the paper's natural-scale ``A``."""
+    s = settings
+    main = [falqon_variant(s) if m == "falqon" else Variant(m) for m in s.methods]
+    if not s.ablations or "falqon" not in s.methods:
         return main
-    k_all = smallest_melded_rows()
-    ks = dict.fromkeys(k for k in (1, 10, settings.rank, k_all) if k != settings.top_k)
-    extra = [Variant("falqon", k, "merged", "svd",
-                     f"top_k={k}" + (" (=rank)" if k == settings.rank else "")
-                     + (" (=all rows of k/v)" if k == k_all else ""))
-             for k in ks]
-    extra += [
-        Variant("falqon", settings.top_k, "all", "svd", "reset=all"),
-        Variant("falqon", settings.top_k, "merged", "random", "init_a=random"),
+    paper = {"rule": "paper", "a_scale": "natural"}
+    return main + [
+        falqon_variant(s, "paper", **paper),
+        falqon_variant(s, "reference", rule="reference", a_scale="natural", reset="all"),
+        falqon_variant(s, "paper+stochastic", **paper, rounding="stochastic"),
+        falqon_variant(s, "paper+feedback", **paper, rounding="feedback"),
+        falqon_variant(s, "visible_merge", rule="visible_merge"),
+        falqon_variant(s, "natural A", a_scale="natural"),
     ]
-    return main + extra
+
+
+# --------------------------------------------------------------------------------------
+# The base model.
+
+
+def prepare_smollm2(cache: Path = CACHE, gguf: Path = SMOLLM2_GGUF) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory in ``cache`` (converted once with
+    ``../shared/tools/gguf_llama_to_hf.py``, which needs ``pip install gguf``; the tokenizer
+    files are copied beside it). Weights never go into the repository."""
+    import shutil
+
+    target = cache / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    tool = SHARED / "tools" / "gguf_llama_to_hf.py"
+    if not gguf.is_file() or not tool.is_file():
+        raise StudyError(f"{gguf} or {tool} is missing; pass --model DIR (a Hugging Face "
+                         "LLaMA directory with its tokenizer)")
+    partial = cache / "smollm2-135m-instruct.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    proc = subprocess.run([sys.executable, str(tool), str(gguf), str(partial)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise StudyError(f"converting {gguf.name} failed: {last} (pip install gguf?)")
+    for f in gguf.parent.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            shutil.copy(f, partial / f.name)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
 
 
 # --------------------------------------------------------------------------------------
 # Command lines of the runs.
 
 
-def _common(settings: StudySettings) -> list[str]:
+def _common(settings: StudySettings, model: Path) -> list[str]:
     s = settings
-    return [
-        "--tokenizer", "char", "--eval-size", str(s.eval_size),
+    argv = [
+        "--model", str(model), "--eval-size", str(s.eval_size),
         "--source-len", str(s.source_len), "--target-len", str(s.target_len),
         "--dtype", "float32", "--batch-size", str(s.batch_size), "--grad-accum", "1",
         "--no-remat", "--rank", str(s.rank), "--alpha", "16", "--targets", TARGETS,
         "--weight-decay", "0", "--beta2", "0.999", "--max-grad-norm", "3.0",
-        "--keep-checkpoints", "1", "--sample-tokens", "0",
+        "--keep-checkpoints", "1", "--sample-tokens", "0", "--schedule", "constant",
+        "--warmup-ratio", "0.03",
     ]
+    if s.tokenizer:
+        argv += ["--tokenizer", s.tokenizer]
+    return argv
 
 
-def pretrain_argv(settings: StudySettings) -> list[str]:
-    """``python -m falqon_jax.train`` flags of the base: ``tiny`` from random weights, all
-    weights trained (``--method full``), cosine schedule, seed 0."""
-    s = settings
-    return [
-        "--model", BASE_CARD, "--init", "random", "--method", "full",
-        "--data", str(s.data), "--seed", "0", *_common(s),
-        "--lr", str(s.pretrain_lr), "--schedule", "cosine", "--warmup-ratio", "0.03",
-        "--steps", str(s.pretrain_steps), "--eval-every", str(max(1, s.pretrain_steps // 4)),
-        "--log-every", "50", "--save-every", str(s.pretrain_steps),
-        "--out", str(s.out / "base"),
-    ]
+def base_argv(settings: StudySettings, model: Path, data: Path, out: Path) -> list[str]:
+    """The base's held-out loss through the same pipeline: LoRA (``B = 0``), one step at a
+    learning rate of 1e-30, so the weights it evaluates are the base's."""
+    return [*_common(settings, model), "--method", "lora", "--data", str(data), "--seed", "0",
+            "--lr", "1e-30", "--steps", "1", "--eval-every", "1", "--log-every", "1",
+            "--save-every", "1", "--out", str(out)]
 
 
-def finetune_argv(settings: StudySettings, variant: Variant, seed: int, data: Path,
-                  out: Path) -> list[str]:
-    """Flags of one fine-tune of the exported base: constant learning rate after 3% warm-up,
-    the same for every method."""
+def finetune_argv(settings: StudySettings, model: Path, variant: Variant, seed: int,
+                  data: Path, out: Path) -> list[str]:
+    """Flags of one fine-tune: constant learning rate after 3% warm-up, the same for every
+    method."""
     s = settings
     argv = [
-        "--model", str(s.out / "base-hf"), "--method", variant.method,
-        "--data", str(data), "--seed", str(seed), *_common(s),
-        "--lr", str(s.lr), "--schedule", "constant", "--warmup-ratio", "0.03",
-        "--steps", str(s.steps), "--eval-every", str(s.steps), "--log-every", "10",
-        "--save-every", str(s.steps), "--out", str(out),
+        *_common(s, model), "--method", variant.method, "--data", str(data),
+        "--seed", str(seed), "--lr", str(s.lr), "--steps", str(s.steps),
+        "--eval-every", str(s.steps), "--log-every", "5", "--save-every", str(s.steps),
+        "--out", str(out),
     ]
-    if variant.method == "falqon":
-        argv += ["--top-k", str(variant.top_k), "--reset", str(variant.reset),
-                 "--init-a", str(variant.init_a)]
+    for name, value in variant.falqon:
+        argv += ["--" + name.replace("_", "-"), str(value)]
     return argv
 
 
@@ -263,24 +293,6 @@ def train_run(argv: list[str], out: Path, steps: int, log: Path) -> tuple[float,
     return loss, time.perf_counter() - began
 
 
-def export_base(settings: StudySettings) -> Path:
-    """The base's last checkpoint as a float32 Hugging Face directory (reused if present)."""
-    from falqon_jax import export
-
-    target = settings.out / "base-hf"
-    if (target / "config.json").exists():
-        return target
-    log = settings.out / "logs" / "export.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as sink, contextlib.redirect_stdout(sink), \
-            contextlib.redirect_stderr(sink):
-        code = export.main(["--checkpoint", str(settings.out / "base"), "--out", str(target),
-                            "--format", "hf", "--dtype", "float32"])
-    if code != 0:
-        raise StudyError(f"exporting the base failed (exit code {code}); see {log}")
-    return target
-
-
 def summarize(variant: Variant, losses: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
     """A row: the variant's keys, mean and sample standard deviation (0 for one seed)."""
     return variant.keys() | {
@@ -296,7 +308,7 @@ def run_study(
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Pretrain, export, fine-tune every variant and seed; one row per variant.
+    """Measure the base, fine-tune every variant and seed; one row per variant.
 
     ``on_row(rows)`` is called after every finished variant (e.g. to rewrite a JSON file).
     """
@@ -307,16 +319,18 @@ def run_study(
     if not s.seeds or not s.data.is_file():
         raise StudyError("--seeds must name at least one seed" if not s.seeds
                          else f"--data {s.data} is not a file")
+    model = s.model if s.model is not None else prepare_smollm2()
+    if not (model / "config.json").is_file():
+        raise StudyError(f"--model {model} is not a Hugging Face model directory")
     s.out.mkdir(parents=True, exist_ok=True)
     logs = s.out / "logs"
     began = time.perf_counter()
-    base_loss, base_s = train_run(pretrain_argv(s), s.out / "base", s.pretrain_steps,
-                                  logs / "base.log")
-    say(f"base: tiny pretrained {s.pretrain_steps} steps (--method full), held-out loss "
-        f"{base_loss:.4f} ({base_s:.0f} s)")
-    export_base(s)
-    common = {"steps": s.steps, "lr": s.lr, "rank": s.rank, "batch_size": s.batch_size,
-              "pretrain_steps": s.pretrain_steps, "base_eval_loss": base_loss,
+    base_loss, base_s = train_run(base_argv(s, model, s.data, s.out / "base"), s.out / "base",
+                                  1, logs / "base.log")
+    say(f"base: {model.name}, held-out loss {base_loss:.4f} ({base_s:.0f} s)")
+    common = {"model": model.name, "steps": s.steps, "lr": s.lr, "rank": s.rank,
+              "batch_size": s.batch_size, "source_len": s.source_len,
+              "target_len": s.target_len, "base_eval_loss": base_loss,
               "date": datetime.date.today().isoformat()}
     rows: list[dict[str, Any]] = []
     for variant in variants(s):
@@ -324,37 +338,86 @@ def run_study(
         losses, wall = [], 0.0
         for seed in seeds:
             data = write_seed_data(s.data, s.eval_size, seed, s.out / "data")
-            label = "".join(c for c in variant.name if c.isalnum() or c in "-_")
+            label = "".join(c if c.isalnum() or c in "-_" else "_" for c in variant.name)
             out = s.out / "runs" / f"{label}-seed{seed}"
-            loss, seconds = train_run(finetune_argv(s, variant, seed, data, out), out,
+            loss, seconds = train_run(finetune_argv(s, model, variant, seed, data, out), out,
                                       s.steps, logs / f"{out.name}.log")
             losses.append(loss)
             wall += seconds
             say(f"  {variant.name} seed {seed}: held-out loss {loss:.4f} ({seconds:.0f} s)")
         rows.append(summarize(variant, losses, seeds) | common | {"wall_s": wall})
+        add_relative(rows)
         if on_row is not None:
             on_row(rows)
-    reference = next((r for r in rows if r["method"] == "lora" and "ablation" not in r), None)
-    if reference is not None:
-        for row in rows:
-            row["vs_lora"] = row["eval_loss_mean"] / reference["eval_loss_mean"] - 1.0
-    if on_row is not None:
-        on_row(rows)
     say(f"study: {time.perf_counter() - began:.0f} s")
     return rows
 
 
+def add_relative(rows: list[dict[str, Any]]) -> None:
+    """Add ``vs_lora`` (held-out loss relative to LoRA's) and ``recovered`` (the fraction of
+    LoRA's improvement over the base, ``(base - loss) / (base - lora)``) to every row, once
+    a LoRA row exists."""
+    reference = next((r for r in rows if r["method"] == "lora" and "ablation" not in r), None)
+    if reference is None:
+        return
+    lora = reference["eval_loss_mean"]
+    for row in rows:
+        row["vs_lora"] = row["eval_loss_mean"] / lora - 1.0
+        gain = row["base_eval_loss"] - lora
+        row["recovered"] = (row["base_eval_loss"] - row["eval_loss_mean"]) / gain \
+            if gain > 0 else None
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """A PNG bar chart of held-out loss per variant (mean, seed spread as error bars, the
+    base as a line); ``None`` when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = [r["method"] + (f"\n{r['ablation']}" if r.get("ablation") else "") for r in rows]
+    means = [r["eval_loss_mean"] for r in rows]
+    spread = [r["eval_loss_std"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4.0), dpi=110)
+    colors = ["tab:orange" if r["method"] == "falqon" else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), means, yerr=spread, color=colors, capsize=3)
+    base = rows[0]["base_eval_loss"]
+    ax.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"base {base:.3f}")
+    low = min(means) - 3 * max(spread + [0.005])
+    ax.set_ylim(low, base + 0.25 * (base - low))
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("held-out loss (nats / response token)")
+    first = rows[0]
+    ax.set_title(f"{first['model']}: {first['steps']} steps, rank {first['rank']}, "
+                 f"lr {first['lr']:g}, seeds {','.join(map(str, first['seeds']))}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table: method, ablation, held-out loss mean +- std, vs LoRA, seeds."""
-    lines = [f"{'method':<9} {'ablation':<28} {'eval loss':>17} {'vs lora':>8}  seeds"]
+    """A plain-text table: method, ablation, held-out loss mean +- std, vs LoRA, the
+    fraction of LoRA's improvement recovered, wall seconds, seeds."""
+    lines = [f"{'method':<9} {'ablation':<18} {'eval loss':>17} {'vs lora':>8} "
+             f"{'recovered':>9} {'wall s':>7}  seeds"]
+    if rows:
+        lines.insert(0, f"base {rows[0]['base_eval_loss']:.4f}")
     for r in rows:
         vs = f"{100 * r['vs_lora']:+.2f}%" if "vs_lora" in r else "n/a"
+        rec = f"{100 * r['recovered']:.0f}%" if r.get("recovered") is not None else "n/a"
         loss = f"{r['eval_loss_mean']:.4f} ± {r['eval_loss_std']:.4f}"
         seeds = ",".join(map(str, r["seeds"]))
-        lines.append(f"{r['method']:<9} {r.get('ablation', '-'):<28} {loss:>17} {vs:>8}  "
-                     f"{seeds}")
+        lines.append(f"{r['method']:<9} {r.get('ablation', '-'):<18} {loss:>17} {vs:>8} "
+                     f"{rec:>9} {r['wall_s']:>7.0f}  {seeds}")
     return "\n".join(lines)
 
 
-__all__ = ["StudyError", "StudySettings", "Variant", "finetune_argv", "format_table",
-           "pretrain_argv", "run_study", "variants", "write_seed_data"]
+__all__ = ["StudyError", "StudySettings", "Variant", "base_argv", "finetune_argv",
+           "format_table", "plot", "prepare_smollm2", "run_study", "variants",
+           "write_seed_data"]

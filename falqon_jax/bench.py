@@ -66,8 +66,30 @@ from falqon_jax.cli import OneLineParser
 from falqon_jax.config import LlamaConfig, load_card
 from falqon_jax.llama import Llama, abstract_params, linear_shapes, plan_linears, trainable_mask
 from falqon_jax.optax import falqon_update
+from falqon_jax.train_config import METHODS as TRAIN_METHODS
 
-METHOD_NAMES = ("falqon", "lora", "fp8_lora", "qlora", "full")
+# FALQON's update rules as bench methods: name -> falqon_update settings. "falqon" is the
+# default rule (a live b); the others are the paper's rule, the authors' code, ...
+FALQON_RULES: dict[str, dict[str, str]] = {
+    "falqon": {"rule": "visible"},
+    "falqon_paper": {"rule": "paper"},
+    "falqon_reference": {"rule": "reference"},
+    "falqon_visible_merge": {"rule": "visible_merge"},
+    "falqon_paper_stochastic": {"rule": "paper", "rounding": "stochastic"},
+    "falqon_paper_feedback": {"rule": "paper", "rounding": "feedback"},
+}
+METHOD_NAMES = (*FALQON_RULES, "lora", "fp8_lora", "qlora", "full")
+DEFAULT_METHODS = ("falqon", "falqon_paper", "lora", "fp8_lora", "qlora", "full")
+
+
+def registry_name(method: str) -> str:
+    """The :mod:`falqon_jax.methods` name of a bench method (FALQON rules need layers with
+    or without a live ``b``)."""
+    if method not in FALQON_RULES:
+        return method
+    from falqon_jax.optax import rule_uses_live_b
+
+    return methods.falqon_method(b_in_forward=rule_uses_live_b(FALQON_RULES[method]["rule"]))
 CPU_NOTE = "CPU wall-clock: not indicative of FP8 speed (FP8 is emulated on CPU)"
 
 # Dense peak throughput in TFLOP/s, (bf16, fp8) per device kind; ``None`` where the device
@@ -198,12 +220,12 @@ def resolve(args: argparse.Namespace) -> Settings:
     if not settings.shapes and settings.model_card is None:
         raise BenchError("nothing to benchmark: --shapes none and --model-card none")
     for name in settings.methods:
-        method = methods.get(name)
+        method = methods.get(registry_name(name))
         for out, in_features in settings.shapes:
             problem = method.check(out, in_features, settings.rank)
             if problem:
                 raise BenchError(f"{name} cannot run shape {out}x{in_features}: {problem}")
-            if name == "falqon" and settings.top_k > out:
+            if name in FALQON_RULES and settings.top_k > out:
                 raise BenchError(
                     f"--top-k {settings.top_k} exceeds out={out} of shape {out}x{in_features}"
                 )
@@ -294,7 +316,7 @@ def _abstract_opt_states(
     optimizer = make_optimizer()
     trainable, _ = partition(params, mask)
     opt_state = jax.eval_shape(optimizer.init, trainable)
-    merge = falqon_update(top_k) if method == "falqon" else None
+    merge = falqon_update(top_k, **FALQON_RULES[method]) if method in FALQON_RULES else None
     merge_state = jax.eval_shape(merge.init, params) if merge is not None else ()
     return optimizer, opt_state, merge, merge_state
 
@@ -316,7 +338,7 @@ def _finish_step(
 
 def linear_case(method: str, out: int, in_features: int, settings: Settings) -> Case:
     """The train step of one ``(out, in)`` linear layer under ``method`` (see module doc)."""
-    impl = methods.get(method)
+    impl = methods.get(registry_name(method))
     tokens, rank = settings.tokens, settings.rank
     w = jax.ShapeDtypeStruct((out, in_features), jnp.float32)
     params = jax.eval_shape(
@@ -356,7 +378,7 @@ def linear_case(method: str, out: int, in_features: int, settings: Settings) -> 
 def model_case(method: str, settings: Settings) -> Case:
     """The train step of a LLaMA decoder stack under ``method`` (see module doc)."""
     config = model_config(settings)
-    plan = plan_linears(config, method, rank=settings.rank)
+    plan = plan_linears(config, registry_name(method), rank=settings.rank)
     module = Llama(config, plan, jnp.bfloat16, remat=settings.remat)
     params = abstract_params(module)
     mask = trainable_mask(params, plan)
@@ -395,7 +417,8 @@ def model_case(method: str, settings: Settings) -> Case:
             "seq": seq,
             "layers": layers,
             "remat": settings.remat,
-            "converted": [t for t in linear_shapes(config) if getattr(plan, t) == method],
+            "converted": [t for t in linear_shapes(config)
+                          if getattr(plan, t) == registry_name(method)],
         },
     )
 
@@ -423,15 +446,23 @@ def linear_flops(method: str, out: int, in_features: int, tokens: int, rank: int
     ``dL/dx`` (``4 T out in``). LoRA-style methods (``lora``, ``fp8_lora``, ``qlora``) add
     the six rank-``r`` adapter GEMMs, ``6 T r (in + out)``. ``falqon`` runs the forward on
     ``out + r`` rows, ``dL/dx`` on ``out`` rows and ``dL/db`` (``2 T out r``):
-    ``4 T out in + 2 T r (in + out)``. The top-k merge (``k r in``) is ignored.
+    ``4 T out in + 2 T r (in + out)``. A live ``b`` (``falqon``, ``falqon_visible_merge``)
+    adds ``(A x) b^T`` forward and ``g b``, ``(g b) A`` backward: ``2 T r (2 out + in)``.
+    The top-k merge (``k r in``) is ignored.
     """
     t, o, i, r = float(tokens), float(out), float(in_features), float(rank)
     if method == "full":
         return 6 * t * o * i
     if method == "frozen":
         return 4 * t * o * i
-    if method == "falqon":
-        return 4 * t * o * i + 2 * t * r * (i + o)
+    if method in FALQON_RULES or method.startswith("falqon"):
+        from falqon_jax.optax import rule_uses_live_b
+
+        rule = FALQON_RULES.get(method, {"rule": "visible"})["rule"]
+        if method.startswith("falqon[proxy"):
+            rule = "paper"
+        live = 2 * t * r * (2 * o + i) if rule_uses_live_b(rule) else 0.0
+        return 4 * t * o * i + 2 * t * r * (i + o) + live
     if method in ("lora", "fp8_lora", "qlora"):
         return 4 * t * o * i + 6 * t * r * (i + o)
     raise ValueError(f"no FLOP model for method {method!r}")
@@ -798,8 +829,9 @@ def _int(text: str) -> int:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--methods", default=",".join(METHOD_NAMES),
-        help=f"comma-separated methods (default: all: {','.join(METHOD_NAMES)})",
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; also "
+        f"{','.join(m for m in METHOD_NAMES if m not in DEFAULT_METHODS)})",
     )
     parser.add_argument(
         "--shapes", default=None,
@@ -871,39 +903,43 @@ def build_parser() -> argparse.ArgumentParser:
     speed_parser.set_defaults(run=run_speed)
 
     accuracy_parser = sub.add_parser(
-        "accuracy", help="held-out loss per method after fine-tuning a pretrained base",
-        description="Pretrain the tiny card on --data (--method full, character tokenizer), "
-        "export it, fine-tune it with every method and seed (same steps, rank, lr, batches, "
-        "held-out split) and with FALQON ablations (top-k, reset rule, init of A); report "
-        "the held-out loss mean and spread per method. See falqon_jax.accuracy.",
+        "accuracy", help="held-out loss per method after fine-tuning a pretrained model",
+        description="Fine-tune a pretrained LLaMA (default: SmolLM2-135M-Instruct from "
+        "../shared, converted into ~/.cache/falqon-jax) with every method and seed (same "
+        "steps, rank, lr, batches, held-out split) and with FALQON's other update rules; "
+        "report the held-out loss, the fraction of LoRA's improvement each recovers and "
+        "wall time. See falqon_jax.accuracy.",
     )
     add = accuracy_parser.add_argument
-    add("--data", type=Path, required=True,
-        help="Alpaca JSON / JSONL instruction data (pretraining and fine-tuning)")
+    add("--data", type=Path, required=True, help="Alpaca JSON / JSONL instruction data")
+    add("--model", type=Path, default=None,
+        help="Hugging Face LLaMA directory (default: SmolLM2-135M-Instruct, converted once)")
+    add("--tokenizer", default=None,
+        help="tokenizer directory, or 'char' (default: the model directory's)")
     add("--out", type=Path, default=Path("runs/accuracy"),
         help="directory of every run (reused/resumed when rerun; default runs/accuracy)")
     add("--methods", default=None,
-        help="comma-separated methods (default falqon,lora,fp8_lora,qlora)")
+        help="comma-separated methods (default lora,fp8_lora,qlora,falqon)")
     add("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     add("--ablation-seeds", default=None,
-        help="seeds of the FALQON ablations (default: --seeds)")
+        help="seeds of FALQON's other rules and ablations (default: --seeds)")
     add("--no-ablations", dest="ablations", action="store_false", default=None,
-        help="skip the FALQON ablations")
-    add("--pretrain-steps", type=_int, default=None, help="steps of the base (default 800)")
-    add("--pretrain-lr", type=float, default=None, help="lr of the base (default 3e-3)")
-    add("--steps", type=_int, default=None, help="fine-tuning steps per run (default 150)")
+        help="skip FALQON's other rules and ablations")
+    add("--steps", type=_int, default=None, help="fine-tuning steps per run (default 40)")
     add("--lr", type=float, default=None, help="fine-tuning lr, every method (default 2e-3)")
     add("--rank", type=_int, default=None, help="adapter rank (default 16)")
     add("--top-k", type=_int, default=None, help="FALQON's top-k (default 10)")
-    add("--batch-size", type=_int, default=None, help="examples per step (default 16)")
-    add("--source-len", type=_int, default=None, help="prompt characters (default 64)")
-    add("--target-len", type=_int, default=None, help="response characters (default 64)")
+    add("--batch-size", type=_int, default=None, help="examples per step (default 8)")
+    add("--source-len", type=_int, default=None, help="prompt tokens (default 48)")
+    add("--target-len", type=_int, default=None, help="response tokens (default 64)")
     add("--eval-size", type=_int, default=None, help="held-out examples (default 100)")
     add("--quick", action="store_true",
-        help="smoke test: 2 pretraining + 2 fine-tuning steps, seed 0, falqon and lora, no "
-        "ablations (explicit flags still win)")
+        help="smoke test: 2 fine-tuning steps, seed 0, falqon and lora, no ablations "
+        "(explicit flags still win)")
     add("--json", type=Path, default=None, metavar="FILE",
         help="write the rows as a JSON list (rewritten after every method)")
+    add("--plot", type=Path, default=None, metavar="PNG",
+        help="write a bar chart of held-out loss per method (needs matplotlib)")
     accuracy_parser.set_defaults(run=run_accuracy)
 
     coll = sub.add_parser(
@@ -914,7 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = coll.add_argument
     add("--model", default="tiny", help="model card (default tiny)")
-    add("--method", default="falqon", choices=METHOD_NAMES, help="method (default falqon)")
+    add("--method", default="falqon", choices=TRAIN_METHODS,
+        help="method (default falqon, its default rule)")
     add("--mesh", default="fsdp=8", help="data=D,fsdp=F (default fsdp=8)")
     add("--rank", type=_int, default=16, help="adapter rank (default 16)")
     add("--batch-size", type=_int, default=16, help="rows per step (default 16)")
@@ -941,9 +978,10 @@ def run_accuracy(args: argparse.Namespace) -> int:
     """The ``accuracy`` subcommand: see :mod:`falqon_jax.accuracy`."""
     from falqon_jax import accuracy
 
-    quick = {"pretrain_steps": 2, "steps": 2, "seeds": (0,), "ablation_seeds": (0,),
+    quick = {"steps": 2, "seeds": (0,), "ablation_seeds": (0,),
              "methods": ("falqon", "lora"), "ablations": False} if args.quick else {}
-    values: dict[str, Any] = {"data": args.data, "out": args.out, **quick}
+    values: dict[str, Any] = {"data": args.data, "out": args.out, "model": args.model,
+                              "tokenizer": args.tokenizer, **quick}
     if args.methods is not None:
         values["methods"] = parse_methods(args.methods)
     if args.seeds is not None:
@@ -951,24 +989,30 @@ def run_accuracy(args: argparse.Namespace) -> int:
     values.setdefault("ablation_seeds", values.get("seeds", (0, 1, 2)))
     if args.ablation_seeds is not None:
         values["ablation_seeds"] = _seed_list(args.ablation_seeds, "--ablation-seeds")
-    for name in ("ablations", "pretrain_steps", "pretrain_lr", "steps", "lr", "rank", "top_k",
-                 "batch_size", "source_len", "target_len", "eval_size"):
+    for name in ("ablations", "steps", "lr", "rank", "top_k", "batch_size", "source_len",
+                 "target_len", "eval_size"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     settings = accuracy.StudySettings(**values)
-    for name in ("pretrain_steps", "steps", "rank", "top_k", "batch_size", "source_len",
-                 "target_len", "eval_size"):
+    for name in ("steps", "rank", "top_k", "batch_size", "source_len", "target_len",
+                 "eval_size"):
         if getattr(settings, name) <= 0:
             flag = "--" + name.replace("_", "-")
             raise BenchError(f"{flag} must be a positive integer, got {getattr(settings, name)}")
     env = environment()
+
+    def on_row(rows: list[dict[str, Any]]) -> None:
+        write_json(args.json, [r | env for r in rows])
+        if args.plot is not None:
+            accuracy.plot(rows, args.plot)
+
     try:
-        rows = accuracy.run_study(
-            settings, on_row=lambda rows: write_json(args.json, [r | env for r in rows])
-        )
+        rows = accuracy.run_study(settings, on_row=on_row)
     except accuracy.StudyError as err:
         raise BenchError(str(err)) from None
     print(accuracy.format_table(rows))
+    if args.plot is not None and accuracy.plot(rows, args.plot) is None:
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return 0
 
 

@@ -91,9 +91,10 @@ def init(
     rank: int,
     *,
     key: jax.Array | None = None,
-    init: Literal["svd", "random"] = "svd",
+    init: Literal["svd", "random", "given"] = "svd",
     a_row_norm: float | None = None,
     b_in_forward: bool = True,
+    a: jax.Array | None = None,
 ) -> MeldedLinear:
     """Meld a float weight ``w`` of shape ``(out, in)`` into a :class:`MeldedLinear`.
 
@@ -101,6 +102,8 @@ def init(
     error ``E = W - DQ(Q(W)) ~ U_r S_r V_r^T`` and set ``A = sqrt(S_r) V_r^T``.
     ``init="random"`` (ablation, as in the reference code): ``A`` is drawn from a normal
     with ``W``'s mean and standard deviation and clipped to ``W``'s range; needs ``key``.
+    ``init="given"``: ``A`` is the float32 ``(rank, in)`` array ``a`` (e.g. the top right
+    singular vectors of a gradient, :mod:`falqon_jax.grad_init`).
 
     ``a_row_norm``: rescale every row of ``A`` to this L2 norm (``None`` keeps the natural
     scale above). With a live ``b`` and Adam, ``A``'s scale sets how far one step moves the
@@ -123,8 +126,13 @@ def init(
         if key is None:
             raise ValueError('init="random" needs a PRNG key: pass key=jax.random.key(seed)')
         a = _random_factor(w, rank, key)
+    elif init == "given":
+        if a is None or tuple(a.shape) != (rank, in_features):
+            got = None if a is None else tuple(a.shape)
+            raise ValueError(f'init="given" needs a of shape {(rank, in_features)}, got {got}')
+        a = jnp.asarray(a, jnp.float32)
     else:
-        raise ValueError(f'init must be "svd" or "random", got {init!r}')
+        raise ValueError(f'init must be "svd", "random" or "given", got {init!r}')
     if a_row_norm is not None:
         norms = jnp.linalg.norm(a, axis=1, keepdims=True)
         a = a * (a_row_norm / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))

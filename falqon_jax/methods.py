@@ -152,13 +152,19 @@ class _FalqonImpl:
     b_in_forward: bool = True
     a_init: str = "svd"
     a_scale: str = DEFAULT_A_SCALE
+    a_gain: float = 1.0  # multiplies the "lora" row norm
 
     def init(
         self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any
     ) -> melded.MeldedLinear:
         del dtype  # the backbone is FP8 and b float32 whatever the compute dtype
-        norm = melded.lora_row_norm(w.shape[1], rank, alpha) if self.a_scale == "lora" else None
-        return melded.init(w, rank, key=key, init=self.a_init, a_row_norm=norm,
+        norm = None
+        if self.a_scale == "lora":
+            norm = self.a_gain * melded.lora_row_norm(w.shape[1], rank, alpha)
+        # "grad": A comes from training gradients (falqon_jax.grad_init.realign, after
+        # loading); until then a cheap random placeholder of the same structure.
+        a_init = "random" if self.a_init == "grad" else self.a_init
+        return melded.init(w, rank, key=key, init=a_init, a_row_norm=norm,
                            b_in_forward=self.b_in_forward)
 
     def apply(self, params: melded.MeldedLinear, x: jax.Array) -> jax.Array:
@@ -203,21 +209,26 @@ FALQON = register(Method("falqon", _FalqonImpl(), fp8=True))
 
 
 def falqon_method(
-    *, b_in_forward: bool = True, a_init: str = "svd", a_scale: str = DEFAULT_A_SCALE
+    *, b_in_forward: bool = True, a_init: str = "svd", a_scale: str = DEFAULT_A_SCALE,
+    a_gain: float = 1.0,
 ) -> str:
     """The registry name of FALQON layers with these settings, registered on first use.
 
     The defaults are ``"falqon"``; other settings get a name like
     ``"falqon[proxy,svd,natural]"`` (what an update rule and an ablation of ``A`` need).
     """
-    if a_init not in ("svd", "random"):
-        raise ValueError(f'a_init must be "svd" or "random", got {a_init!r}')
+    if a_init not in ("svd", "random", "grad"):
+        raise ValueError(f'a_init must be "svd", "random" or "grad", got {a_init!r}')
     if a_scale not in A_SCALES:
         raise ValueError(f"a_scale must be one of {', '.join(A_SCALES)}, got {a_scale!r}")
-    impl = _FalqonImpl(b_in_forward=bool(b_in_forward), a_init=a_init, a_scale=a_scale)
+    if not a_gain > 0:
+        raise ValueError(f"a_gain must be positive, got {a_gain!r}")
+    impl = _FalqonImpl(b_in_forward=bool(b_in_forward), a_init=a_init, a_scale=a_scale,
+                       a_gain=float(a_gain))
     if impl == FALQON.source:
         return FALQON.name
-    name = f"falqon[{'live' if b_in_forward else 'proxy'},{a_init},{a_scale}]"
+    gain = f"x{float(a_gain):g}" if a_scale == "lora" and a_gain != 1 else ""
+    name = f"falqon[{'live' if b_in_forward else 'proxy'},{a_init},{a_scale}{gain}]"
     if name not in _REGISTRY:
         register(Method(name, impl, fp8=True))
     return name
@@ -237,4 +248,4 @@ def linear_method(config: Any) -> str:
     from falqon_jax.optax import rule_uses_live_b
 
     return falqon_method(b_in_forward=rule_uses_live_b(config.rule), a_init=config.init_a,
-                         a_scale=config.a_scale)
+                         a_scale=config.a_scale, a_gain=getattr(config, "a_gain", 1.0))

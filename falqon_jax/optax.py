@@ -37,7 +37,8 @@ with the proxy rules ``b`` gets a zero update, so it stays exactly zero. Every o
 passes through unchanged.
 
 How a merge reaches the weights: the update for ``w8`` is a :class:`RowMerge` -- the ``k``
-row indices and their exact increments (the rounding happens here, in the optimizer) --
+row indices and their increments in quantized units (rounded to nearest by the merge itself;
+stochastic, feedback and ``visible_merge`` pass exact increments they rounded already) --
 instead of a dense array. ``optax.apply_updates`` computes ``w8 + update``;
 ``RowMerge.__radd__`` turns that into a write of ``k`` rows into ``w8`` (zero rows for
 ``visible``). So plain ``optax.apply_updates`` works, untouched rows stay bit-identical, and
@@ -358,8 +359,9 @@ def _select_and_reset(
       layer: the (possibly stacked) melded layer the buffer belongs to.
 
     Returns:
-      ``rows`` int32 ``(..., k)``; the exact increments of those rows of ``w8`` in quantized
-      units (``Q(w8[K] + Buf[K] @ A8) - w8[K]``, where ``Buf[K] @ A8 == Buf[K] @ A / scale``);
+      ``rows`` int32 ``(..., k)``; the increments of those rows of ``w8`` in quantized units
+      (``Buf[K] @ A8 == Buf[K] @ A / scale``, which :class:`RowMerge` rounds to nearest; for
+      the other roundings the exact ``Q(w8[K] + Buf[K] @ A8) - w8[K]``);
       and the buffer after the reset (with ``rounding="feedback"`` the merged rows keep
       their rounding residual instead of being cleared).
     """
@@ -367,10 +369,13 @@ def _select_and_reset(
     picked = jnp.take_along_axis(buffer, rows[..., None], axis=-2)  # (..., k, rank)
     a8 = _a8(layer)
     delta = (picked @ a8) * stepped[..., None, None]
-    old = _rows_of(layer.w8, rows)
-    mode = "stochastic" if rounding == "stochastic" else "nearest"
-    new = fp8.round_to(old.astype(jnp.float32) + delta, old.dtype, mode, key)
-    applied = new.astype(jnp.float32) - old.astype(jnp.float32)
+    if rounding == "nearest":
+        applied = delta  # RowMerge rounds to nearest itself: one cast of the k rows
+    else:
+        old = _rows_of(layer.w8, rows)
+        mode = "stochastic" if rounding == "stochastic" else "nearest"
+        new = fp8.round_to(old.astype(jnp.float32) + delta, old.dtype, mode, key)
+        applied = new.astype(jnp.float32) - old.astype(jnp.float32)  # exact increments
     if reset == "all":
         cleared = jnp.zeros_like(buffer)
     else:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from falqon_jax import hlo, sharding
 from falqon_jax.config import load_card
 from falqon_jax.llama import Llama, abstract_params, plan_linears, trainable_mask
+from falqon_jax.methods import linear_method
 from falqon_jax.train_config import PAPER, TrainConfig
 from falqon_jax.trainer import Trainer
 
@@ -90,7 +91,8 @@ def step_collectives(
 
 def _compile(config: TrainConfig, mesh: jax.sharding.Mesh, seq: int) -> Any:
     llama_config = load_card(config.model)
-    plan = plan_linears(llama_config, config.method, targets=config.targets, rank=config.rank,
+    plan = plan_linears(llama_config, linear_method(config), targets=config.targets,
+                        rank=config.rank,
                         alpha=config.alpha)
     module = Llama(llama_config, plan, jnp.bfloat16, remat=config.remat)
     params = abstract_params(module)

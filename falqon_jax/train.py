@@ -317,6 +317,8 @@ def _run(config: TrainConfig, resume: bool) -> int:
     def forward(params, tokens, attention):
         return model.module.apply({"params": params}, tokens, attention)
 
+    if config.method == "falqon" and config.init_a == "grad" and not resume:
+        model.params = gradient_aligned_params(config, prep, pad_id)
     trainer = Trainer(config, forward, model.trainable(), mesh)
     state = trainer.init_state(model.params)
     rows = sharding.batch_sharding(mesh)
@@ -410,6 +412,44 @@ def _run(config: TrainConfig, resume: bool) -> int:
     model.params = state.params
     report_samples(prep, model, last_eval, mesh)
     return 0
+
+
+GRAD_INIT_BATCHES = 4
+
+
+def gradient_aligned_params(config: TrainConfig, prep: Prepared, pad_id: int) -> Any:
+    """``--init-a grad``: the FALQON params with every ``A`` set to the top right singular
+    vectors of the dense weight's loss gradient over the first ``GRAD_INIT_BATCHES``
+    training batches (:mod:`falqon_jax.grad_init`)."""
+    import jax.numpy as jnp
+
+    from falqon_jax import grad_init, load_model, melded
+    from falqon_jax.data import batch_stream
+    from falqon_jax.trainer import token_loss_sum
+
+    try:
+        dense = load_model(config.model, method="full", dtype=config.dtype,
+                           targets=config.targets, init=config.init, seed=config.seed)
+    except (ValueError, OSError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    stream = batch_stream(prep.train, config.batch_size, config.seed, pad_id=pad_id,
+                          buckets=length_buckets(config))
+    batches = [next(stream) for _ in range(GRAD_INIT_BATCHES)]
+
+    def forward(params, tokens, attention):
+        return dense.module.apply({"params": params}, tokens, attention)
+
+    grads = grad_init.dense_gradients(
+        forward, dense.params,
+        [(jnp.asarray(b.tokens), jnp.asarray(b.mask), jnp.asarray(b.attention)) for b in batches],
+        token_loss_sum)
+
+    def norm(in_features: int, rank: int) -> float | None:
+        if config.a_scale != "lora":
+            return 1.0  # orthonormal rows, as the SVD gives them
+        return config.a_gain * melded.lora_row_norm(in_features, rank, config.alpha)
+
+    return grad_init.realign(prep.model.params, dense.params, grads, norm)
 
 
 class _StopFlag:

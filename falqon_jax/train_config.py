@@ -43,6 +43,7 @@ class TrainConfig:
     rounding: str = "nearest"
     init_a: str = "svd"
     a_scale: str = "lora"
+    a_gain: float = 1.0
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     lr: float = 2e-3
     schedule: str = "constant"
@@ -81,7 +82,7 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """Settings a resumed run must share with the run it continues."""
         keys = ("model", "method", "rank", "alpha", "rule", "top_k", "reset", "rounding",
-                "init_a", "a_scale", "targets",
+                "init_a", "a_scale", "a_gain", "targets",
                 "dtype", "data", "seed", "batch_size", "grad_accum", "source_len",
                 "target_len", "eval_size")
         return {k: _jsonable(getattr(self, k)) for k in keys}
@@ -141,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reset", choices=("merged", "all"), help="FALQON paper rule: buffer reset after a merge")
     add("--rounding", choices=ROUNDINGS, help="FALQON merges: nearest, stochastic, or "
         "feedback (the rounding residual goes back into the proxy buffer)")
-    add("--init-a", choices=("svd", "random"), help="FALQON's A: SVD of the quantization error")
+    add("--init-a", choices=("svd", "random", "grad"), help="FALQON's A: svd (of the FP8 "
+        "quantization error, the paper), random, or grad (top singular vectors of each "
+        "weight's loss gradient on the first training batches)")
     add("--a-scale", choices=("lora", "natural"), help="FALQON's A row norm: lora (PEFT "
         "LoRA's, times alpha/rank; default) or natural (the paper's sqrt(S) V^T)")
+    add("--a-gain", type=float, help="FALQON: multiply the lora row norm of A (with a live b "
+        "and Adam, the same as multiplying b's learning rate)")
     add("--targets", help="comma-separated layers to adapt: q,k,v,o,gate,up,down[,lm_head]")
     add("--lr", type=float, help="peak learning rate (paper: 2e-3)")
     add("--schedule", choices=("constant", "cosine", "linear"), help="after warm-up")
@@ -221,6 +226,8 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if c.a_gain <= 0:
+        raise ConfigError(f"--a-gain must be positive, got {c.a_gain}")
     if c.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {c.lr}")
     if not 0 <= c.warmup_ratio < 1:

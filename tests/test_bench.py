@@ -149,27 +149,35 @@ def test_bad_flags_subprocess() -> None:
         assert "Traceback" not in proc.stderr
 
 
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/models/stories260K is missing")
 def test_accuracy_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``accuracy --quick`` on 24 instructions: pretrain, export, fine-tune two methods; the
-    rows carry the method, FALQON's settings and the held-out loss of the seed-0 split."""
+    """``accuracy --quick`` on 24 instructions and the pretrained stories260K (character
+    tokenizer: it has no tokenizer of its own): the base, then two methods; the rows carry
+    the method, FALQON's settings, the held-out loss and the recovered fraction."""
     records = [{"instruction": f"Say {w}.", "input": "", "output": f"{w} {w}."}
                for w in ("red", "green", "blue", "cyan", "pink", "gold") * 4]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "rows.json"
     argv = ["accuracy", "--quick", "--data", str(data), "--out", str(tmp_path / "runs"),
+            "--model", str(STORIES), "--tokenizer", "char", "--rank", "16",
             "--eval-size", "4", "--batch-size", "4", "--source-len", "16", "--target-len",
-            "16", "--json", str(out)]
+            "16", "--json", str(out), "--plot", str(tmp_path / "plot.png")]
     assert bench.main(argv) == 0
-    assert "vs lora" in capsys.readouterr().out
+    assert "recovered" in capsys.readouterr().out
     rows = _rows(out)
     assert [r["method"] for r in rows] == ["falqon", "lora"]
-    assert rows[0]["top_k"] == 10 and rows[0]["reset"] == "merged"
-    assert rows[0]["init_a"] == "svd" and "top_k" not in rows[1]
+    assert rows[0]["rule"] == "visible" and rows[0]["a_scale"] == "lora"
+    assert "rule" not in rows[1]
     for row in rows:
         assert row["seeds"] == [0] and row["eval_loss_std"] == 0.0
         assert math.isfinite(row["eval_loss_mean"]) and row["steps"] == 2
+        assert math.isfinite(row["base_eval_loss"])
     assert rows[1]["vs_lora"] == 0.0
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
