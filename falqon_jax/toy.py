@@ -3,11 +3,13 @@
 The "pretrained" MLP ``y = W2 silu(W1 x)`` must learn a teacher whose weights differ by a
 low-rank delta. Three ways to adapt it on identical data, steps and optimizer:
 
-* ``falqon``: both layers melded (FP8 backbone, frozen ``A`` from the quantization error,
-  ``b`` trained through :func:`falqon_jax.optax.falqon_optimizer`);
+* ``falqon``: both layers melded (FP8 backbone, frozen ``A`` from the quantization error at
+  its natural scale, ``b`` trained through :func:`falqon_jax.optax.falqon_optimizer` with
+  the update ``rule`` of :func:`train`: the default live ``b``, or e.g. the paper's proxy
+  buffer with top-k merges);
 * ``lora_frozen_a``: float32 LoRA that trains only ``B`` on the *same* frozen ``A`` --
   the float32 reference for what FALQON can express, isolating FP8 arithmetic and the
-  top-k proxy merging;
+  update rule;
 * ``lora``: standard float32 LoRA (``A`` random, both factors trained).
 
 Used by the test suite and by ``python -m falqon_jax.demo``.
@@ -24,7 +26,7 @@ import numpy as np
 import optax
 
 from falqon_jax import melded
-from falqon_jax.optax import falqon_optimizer
+from falqon_jax.optax import DEFAULT_RULE, falqon_optimizer, rule_uses_live_b
 
 METHODS = ("falqon", "lora_frozen_a", "lora")
 
@@ -74,11 +76,13 @@ def _mlp(x, w1, w2):
     return _silu(x @ w1.T) @ w2.T
 
 
-def _init(method: str, problem: ToyProblem, rank: int, key: jax.Array):
+def _init(method: str, problem: ToyProblem, rank: int, key: jax.Array, rule: str):
     """Params and a forward function ``f(params, x) -> y`` for one method."""
     layers = {"w1": problem.w1, "w2": problem.w2}
     if method == "falqon":
-        params = {name: melded.init(jnp.asarray(w), rank) for name, w in layers.items()}
+        live = rule_uses_live_b(rule)
+        params = {name: melded.init(jnp.asarray(w), rank, b_in_forward=live)
+                  for name, w in layers.items()}
 
         def linear(p, x):
             return melded.apply(p, x)
@@ -109,15 +113,17 @@ def train(
     steps: int = 300,
     lr: float = 1e-2,
     batch: int = 128,
-    top_k: int = 10,
+    top_k: int | None = 10,
+    rule: str = DEFAULT_RULE,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune with ``method``; returns initial/final test loss (MSE)."""
+    """Fine-tune with ``method`` (FALQON with update ``rule`` and ``top_k``); returns the
+    initial/final test loss (MSE)."""
     if method not in METHODS:
         raise ValueError(f"unknown toy method {method!r}; choose from {METHODS}")
     key = jax.random.key(seed)
-    params, linear = _init(method, problem, rank, key)
+    params, linear = _init(method, problem, rank, key, rule)
 
     def loss_fn(params, x, y):
         h = jax.nn.silu(linear(params["w1"], x))
@@ -125,7 +131,7 @@ def train(
 
     inner = optax.adam(lr)
     if method == "falqon":
-        tx = falqon_optimizer(inner, top_k)
+        tx = falqon_optimizer(inner, top_k, rule=rule)
     else:  # frozen leaves get zero gradients through stop_gradient
         tx = inner
     state = tx.init(params)

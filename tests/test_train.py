@@ -149,7 +149,7 @@ def _bad_file(tmp_path, name, text):
         (lambda t: ["--model", _bad_file(t, "config.json", '{"model_type": "bert"}').parent,
                     "--data", ALPACA], "not a LLaMA"),
         (lambda t: ["--rank", 0], "--rank must be positive"),
-        (lambda t: ["--top-k", 64], "--top-k 64 exceeds"),
+        (lambda t: ["--rule", "paper", "--top-k", 64], "--top-k 64 exceeds"),
         (lambda t: ["--lr", -1], "--lr must be positive"),
         (lambda t: ["--batch-size", 6, "--grad-accum", 4], "divisible"),
         (lambda t: ["--resume"], "no checkpoint"),
