@@ -18,8 +18,9 @@ in ``--dtype`` (bfloat16 by default, or float32). Linear weights are the *effect
 weights the model computes with, ``(out, in)``:
 
 * ``full`` / ``frozen``: the weight itself;
-* ``falqon``: ``DQ(w8[:out]) = w8[:out] * scale`` (``b`` is zero by FALQON's invariant,
-  which is checked; updates still waiting in the proxy buffer are not part of the model);
+* ``falqon``: ``DQ(w8[:out]) + b DQ(w8[out:])`` with ``DQ(w) = w * scale`` (float32
+  ``DQ``, the sum in float64, rounded once; ``b`` is zero for the proxy update rules, which
+  is checked, and updates still waiting in their proxy buffer are not part of the model);
 * ``lora`` / ``qlora`` / ``fp8_lora``: ``W + (alpha / rank) B A`` with ``W`` dequantized
   from NF4 or FP8 first.
 
@@ -40,7 +41,8 @@ static per-tensor FP8 weights and dynamic per-tensor FP8 activations::
           input_activations: {num_bits: 8, type: float, symmetric: true,
                               strategy: tensor, dynamic: true, observer: null}
         ignore: [every linear layer kept in --dtype, e.g. lm_head]
-      falqon_jax: {format_version, methods, rank, alpha, fp8_targets}  (informational)
+      falqon_jax: {format_version, methods, rank, alpha, fp8_targets, adapter}
+                  (informational)
     model.safetensors  (+ model.safetensors.index.json listing only the model shards)
       <layer>.weight          float8_e4m3fn (out, in)   FP8 layers
       <layer>.weight_scale    float32 (1,)              dequantization multiplier:
@@ -52,14 +54,32 @@ static per-tensor FP8 weights and dynamic per-tensor FP8 activations::
       lm_head.weight, lm_head.weight_scale, lm_head.falqon_a
                               an FP8 lm_head (``--targets ... lm_head``): serving stacks
                               keep lm_head unquantized, so model.safetensors holds it
-                              dequantized and its FP8 data lives here
+                              dequantized (FALQON: DQ(w8[:out]), without b) and its FP8
+                              data lives here
+    adapter_config.json, adapter_model.safetensors
+                              only when some FALQON layer has a non-zero b: a PEFT LoRA
+                              adapter on the FP8 base, loaded with
+                              ``PeftModel.from_pretrained(base_model, out)`` (transformers'
+                              ``from_pretrained(out)`` picks it up too; not tested here)
+      base_model.model.<layer>.lora_A.weight  float32 (rank, in)  DQ(w8[out:]) = A
+      base_model.model.<layer>.lora_B.weight  float32 (out, rank) b
+                              for every FALQON layer (lm_head included), with r =
+                              lora_alpha = rank (scaling 1), target_modules = their HF
+                              module names, base_model_name_or_path "." (this directory)
 
-For FALQON, ``weight`` is exactly ``w8[:out]`` with the layer's own ``scale``, and
-``falqon_a`` is ``w8[out:]``: :func:`load_fp8_export` rebuilds every melded layer bit for
-bit (``--no-falqon-a`` leaves the A rows out). ``fp8_lora`` layers whose ``b`` is zero keep
-their FP8 bits; other FP8-method layers are re-quantized from their effective weight. A
-model without FP8 layers (``full``, ``lora``, ``qlora``) gets every decoder projection
-whose dimensions are multiples of 16 quantized per tensor (scale = amax / 448).
+For FALQON, ``weight`` is exactly ``w8[:out]`` with the layer's own ``scale``,
+``falqon_a`` is ``w8[out:]`` and ``b`` is never dropped: the FP8 base plus the adapter
+compute ``W + B A``, the effective weight (a serving stack that loads the base without
+the adapter serves the model with ``b = 0``). :func:`load_fp8_export` rebuilds every melded
+layer bit for bit, ``b`` included, as method ``falqon`` (live ``b``, ``b_in_forward=True``;
+a proxy-rule model, whose ``b`` is zero, computes the same); ``--no-falqon-a`` leaves the A
+rows out of the extras, and with an adapter they are recovered exactly from ``lora_A``.
+``fp8_lora`` layers whose
+``b`` is zero keep their FP8 bits; other FP8-method layers, ``fp8_lora`` with a non-zero
+``b`` included, are re-quantized from their effective weight (no adapter: their ``B A`` is
+merged into the FP8 weight). A model without FP8 layers (``full``, ``lora``, ``qlora``)
+gets every decoder projection whose dimensions are multiples of 16 quantized per tensor
+(scale = amax / 448).
 
 Mistakes (unknown format, missing source, a non-empty ``--out``) end with one line on
 stderr and exit code 2; nothing is overwritten.
@@ -94,10 +114,13 @@ from falqon_jax.run_loading import LoadError
 
 FORMATS = ("hf", "fp8")
 DTYPES = ("bfloat16", "float32")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: PEFT adapter for FALQON's b
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 EXTRAS_FILE = "falqon_extras.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix of adapter tensor names
 SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -139,27 +162,49 @@ def _lora_delta(layer: Any) -> np.ndarray:
     return np.float32(layer.scaling) * (_np32(layer.b) @ _np32(layer.a))
 
 
-def _check_b_zero(layer: melded.MeldedLinear, name: str) -> None:
-    if np.any(_np32(layer.b) != 0):
+def _check_proxy_b(layer: melded.MeldedLinear, name: str) -> None:
+    """Refuse a proxy-rule FALQON layer (``b_in_forward=False``) whose ``b`` is not zero.
+
+    Such a layer never adds ``b (A x)`` in its forward pass, so a non-zero ``b`` is not part
+    of the model and its state is corrupt (the proxy rules keep ``b = 0``)."""
+    if not layer.b_in_forward and np.any(_np32(layer.b) != 0):
         raise ExportError(
-            f"{name}: FALQON layer has a non-zero b (its invariant is b = 0); the state is "
-            "corrupt or was not produced by falqon_update"
+            f"{name}: FALQON layer with a proxy update rule (b_in_forward=False) has a "
+            "non-zero b (those rules keep b = 0); the state is corrupt or was not produced "
+            "by falqon_update"
         )
+
+
+def falqon_weight(layer: melded.MeldedLinear) -> np.ndarray:
+    """FALQON's effective weight ``DQ(w8[:out]) + b DQ(w8[out:])``: float32 ``(out, in)``.
+
+    ``layer`` is one unstacked layer. ``DQ`` is float32 as in :mod:`falqon_jax.melded`; the
+    sum and ``b A`` are computed in float64 and rounded to float32 once, so ``b = 0`` gives
+    ``DQ(w8[:out])`` bit for bit.
+    """
+    base = _np32(melded.dequantize(layer))
+    b = _np32(layer.b)
+    if not b.any():
+        return base
+    a = _np32(layer.a())
+    return (base.astype(np.float64) + b.astype(np.float64) @ a.astype(np.float64)).astype(
+        np.float32)
 
 
 def effective_weight(layer: Any, name: str = "layer") -> np.ndarray:
     """The weight one (unstacked) linear layer computes with: float32 ``(out, in)``.
 
-    Dense: ``w``; FALQON: ``DQ(w8[:out])`` (``b`` must be zero); LoRA-style layers
-    (``lora``, ``fp8_lora``, ``qlora``): ``W + (alpha / rank) B A``, ``W`` dequantized.
+    Dense: ``w``; FALQON: ``DQ(w8[:out]) + b DQ(w8[out:])`` (:func:`falqon_weight`; a
+    proxy-rule layer must have ``b = 0``); LoRA-style layers (``lora``, ``fp8_lora``,
+    ``qlora``): ``W + (alpha / rank) B A``, ``W`` dequantized.
     """
     from falqon_jax import fp8_lora, lora, nf4, qlora
 
     if isinstance(layer, methods.Dense):
         return _np32(layer.w)
     if isinstance(layer, melded.MeldedLinear):
-        _check_b_zero(layer, name)
-        return _np32(melded.dequantize(layer))
+        _check_proxy_b(layer, name)
+        return falqon_weight(layer)
     if isinstance(layer, lora.LoraLinear):
         return _np32(layer.w) + _lora_delta(layer)
     if isinstance(layer, fp8_lora.Fp8LoraLinear):
@@ -167,6 +212,16 @@ def effective_weight(layer: Any, name: str = "layer") -> np.ndarray:
     if isinstance(layer, qlora.QLoraLinear):
         return _np32(nf4.dequantize_nf4(layer.w, jnp.float32)) + _lora_delta(layer)
     raise ExportError(f"{name}: cannot export a linear layer of type {type(layer).__name__}")
+
+
+def base_weight(layer: Any, name: str = "layer") -> np.ndarray:
+    """What an ``fp8`` export writes for a layer kept in ``--dtype`` (e.g. lm_head): float32
+    ``(out, in)``. FALQON: the backbone ``DQ(w8[:out])`` alone, since its ``b`` travels in
+    the PEFT adapter; anything else: :func:`effective_weight`."""
+    if isinstance(layer, melded.MeldedLinear):
+        _check_proxy_b(layer, name)
+        return _np32(melded.dequantize(layer))
+    return effective_weight(layer, name)
 
 
 def _is_fp8_layer(layer: Any) -> bool:
@@ -179,13 +234,14 @@ def fp8_weight(layer: Any, name: str = "layer") -> tuple[np.ndarray, np.float32,
     """``(weight, scale, a)`` of one layer in FP8: float8_e4m3fn ``(out, in)``, the float32
     dequantization scale, and FALQON's ``A`` rows float8_e4m3fn ``(rank, in)`` (else None).
 
-    FALQON layers and ``fp8_lora`` layers with ``b = 0`` keep their stored bits; anything
-    else is quantized from its effective weight with a per-tensor scale (amax / 448).
+    FALQON layers (whatever their ``b``, which :func:`adapter_tensors` writes) and
+    ``fp8_lora`` layers with ``b = 0`` keep their stored bits; anything else is quantized
+    from its effective weight with a per-tensor scale (amax / 448).
     """
     from falqon_jax import fp8_lora
 
     if isinstance(layer, melded.MeldedLinear):
-        _check_b_zero(layer, name)
+        _check_proxy_b(layer, name)
         w8 = np.asarray(layer.w8)
         return w8[: layer.out], np.float32(layer.scale), w8[layer.out :]
     if isinstance(layer, fp8_lora.Fp8LoraLinear) and not np.any(_np32(layer.b) != 0):
@@ -306,7 +362,7 @@ def fp8_tensors(
         if target not in targets or target == "lm_head":
             ignored.append(prefix)
             main.append(_Tensor(f"{prefix}.weight", shape, np_dtype,
-                                lambda g=get, p=prefix: _cast(effective_weight(g(), p), np_dtype)))
+                                lambda g=get, p=prefix: _cast(base_weight(g(), p), np_dtype)))
         if target not in targets:
             continue
         home = extras if target == "lm_head" else main
@@ -319,6 +375,77 @@ def fp8_tensors(
                                   lambda g=get, p=prefix: np.ascontiguousarray(
                                       fp8_weight(g(), p)[2])))
     return main, extras, ignored
+
+
+def _falqon_linears(model: LlamaModel) -> list[tuple[str, str, Any, Callable[[], Any]]]:
+    """The ``_linears`` entries whose layers are FALQON melded layers."""
+    return [e for e in _linears(model) if isinstance(e[2], melded.MeldedLinear)]
+
+
+def needs_adapter(model: LlamaModel) -> bool:
+    """Whether an ``fp8`` export of ``model`` writes a PEFT adapter: some FALQON layer has a
+    non-zero ``b`` (a proxy-rule layer with one is refused with :class:`ExportError`)."""
+    found = False
+    for _, prefix, stacked, _ in _falqon_linears(model):
+        _check_proxy_b(stacked, prefix)
+        found = found or bool(np.any(_np32(stacked.b) != 0))
+    return found
+
+
+def adapter_tensors(model: LlamaModel) -> list[_Tensor]:
+    """The PEFT LoRA tensors of an ``fp8`` export: for every FALQON layer ``<layer>``,
+
+    * ``base_model.model.<layer>.lora_A.weight`` float32 ``(rank, in)``: ``DQ(w8[out:])``,
+    * ``base_model.model.<layer>.lora_B.weight`` float32 ``(out, rank)``: ``b``,
+
+    so that with ``lora_alpha = r`` (scaling 1) ``W + B A`` is the effective weight.
+    Empty when every ``b`` is zero (:func:`needs_adapter`).
+    """
+    if not needs_adapter(model):
+        return []
+    f32 = np.dtype(np.float32)
+    out: list[_Tensor] = []
+    for _, prefix, stacked, get in _falqon_linears(model):
+        out_f, in_f = _linear_shape(stacked)
+        name = f"{PEFT_PREFIX}{prefix}"
+        out.append(_Tensor(f"{name}.lora_A.weight", (stacked.rank, in_f), f32,
+                           lambda g=get: np.ascontiguousarray(_np32(g().a()))))
+        out.append(_Tensor(f"{name}.lora_B.weight", (out_f, stacked.rank), f32,
+                           lambda g=get: np.ascontiguousarray(_np32(g().b))))
+    return out
+
+
+def adapter_config(model: LlamaModel) -> dict[str, Any]:
+    """``adapter_config.json`` of the PEFT adapter (:func:`adapter_tensors`): a plain LoRA
+    with ``r = lora_alpha = rank`` on the HF modules that are FALQON layers, whose base
+    model is the export itself (``base_model_name_or_path: "."``)."""
+    entries = _falqon_linears(model)
+    ranks = {stacked.rank for _, _, stacked, _ in entries}
+    if len(ranks) != 1:
+        raise ExportError(f"FALQON layers have different ranks {sorted(ranks)}; a PEFT "
+                          "adapter needs one")
+    rank = ranks.pop()
+    modules = {"lm_head" if t == "lm_head" else LAYER_PATHS[t][1] for t, _, _, _ in entries}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": ".",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(modules),
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -504,6 +631,12 @@ def _write(model: LlamaModel, tmp: Path, format: str, dtype: str, falqon_a: bool
         if extras:
             save_file({t.name: t.make() for t in extras}, str(tmp / EXTRAS_FILE),
                       metadata={"format": "pt"})
+        adapter = adapter_tensors(model)
+        if adapter:
+            save_file({t.name: t.make() for t in adapter}, str(tmp / ADAPTER_FILE),
+                      metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(
+                json.dumps(adapter_config(model), indent=2, sort_keys=True) + "\n")
         config["quantization_config"] = quantization_config(ignored)
         config["falqon_jax"] = {
             "format_version": FORMAT_VERSION,
@@ -511,6 +644,7 @@ def _write(model: LlamaModel, tmp: Path, format: str, dtype: str, falqon_a: bool
             "rank": model.plan.rank,
             "alpha": model.plan.alpha,
             "fp8_targets": sorted(fp8_layer_targets(model)),
+            "adapter": ADAPTER_FILE if adapter else None,
         }
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -542,6 +676,10 @@ class _SafeTensors:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def names(self) -> list[str]:
+        """Every tensor name (from the headers)."""
+        return list(self._where)
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor ``name`` (from the header, nothing read)."""
         if name not in self._where:
@@ -570,7 +708,8 @@ def _export_files(directory: Path) -> list[Path]:
         return [directory / name for name in sorted(set(weight_map.values()))]
     if (directory / MODEL_FILE).is_file():
         return [directory / MODEL_FILE]
-    found = sorted(p for p in directory.glob("*.safetensors") if p.name != EXTRAS_FILE)
+    found = sorted(p for p in directory.glob("*.safetensors")
+                   if p.name not in (EXTRAS_FILE, ADAPTER_FILE))
     if not found:
         raise LoadError(f"{directory} holds no *.safetensors weights")
     return found
@@ -599,13 +738,20 @@ def load_fp8_export(
 ) -> LlamaModel:
     """Load an ``fp8`` export (or any compressed-tensors per-tensor FP8 LLaMA).
 
-    Layers with ``falqon_a`` in ``falqon_extras.safetensors`` come back as FALQON melded
-    layers, ``w8 = [weight; falqon_a]`` and ``scale = weight_scale`` bit for bit, ``b = 0``,
-    ready to resume fine-tuning. FP8 layers without it become ``fp8_lora`` layers (the
-    stored FP8 weight plus a fresh adapter with ``b = 0``, so their output is the plain FP8
-    GEMM) of rank ``rank`` (default 16, at most the smallest layer dimension). Other
-    tensors are read in ``dtype``. Raises :class:`~falqon_jax.run_loading.LoadError` for
-    anything else.
+    FP8 layers whose FALQON ``A`` rows are known -- ``falqon_a`` in
+    ``falqon_extras.safetensors``, or the ``lora_A`` of the PEFT adapter beside the export
+    (``adapter_config.json`` + ``adapter_model.safetensors``, re-quantized with the layer's
+    ``weight_scale`` and checked to be exact) -- come back as FALQON melded layers (method
+    ``falqon``, ``b_in_forward=True``): ``w8 = [weight; A rows]`` and ``scale =
+    weight_scale`` bit for bit, ``b`` = the adapter's float32 ``lora_B`` bit for bit, or
+    zero without an adapter; ready to resume fine-tuning. FP8 layers without ``A`` rows
+    become ``fp8_lora`` layers (the stored FP8 weight plus a fresh adapter with ``b = 0``,
+    so their output is the plain FP8 GEMM) of rank ``rank`` (default 16, at most the
+    smallest layer dimension). Other tensors are read in ``dtype``. Raises
+    :class:`~falqon_jax.run_loading.LoadError` for anything else, including an adapter that
+    was not written by :func:`export_model` (``lora_alpha != r``, DoRA, rsLoRA, per-module
+    ranks, a ``lora_A`` that is not the layer's ``A`` rows, or a module that is not an FP8
+    layer).
     """
     directory = Path(directory)
     if dtype not in DTYPES:
@@ -616,7 +762,8 @@ def load_fp8_export(
     meta = raw.get("falqon_jax") or {}
     extras_path = directory / EXTRAS_FILE
     reader = _Fp8Reader(_SafeTensors(_export_files(directory)),
-                        _SafeTensors([extras_path] if extras_path.is_file() else []))
+                        _SafeTensors([extras_path] if extras_path.is_file() else []),
+                        _Adapter.read(directory))
     prefixes = {t: [_hf_name(t, i) for i in range(config.num_layers)] for t in LAYER_PATHS}
     has_head = "lm_head.weight" in reader.main or "lm_head.weight" in reader.extras
     if has_head:
@@ -630,7 +777,8 @@ def load_fp8_export(
     kinds.setdefault("lm_head", "frozen")
     if has_head and config.tie_word_embeddings and kinds["lm_head"] == "frozen":
         del prefixes["lm_head"]  # tied: the module reuses the embedding
-    a_ranks = {reader.a_rank(names[0]) for t, names in prefixes.items() if kinds[t] == "falqon"}
+    a_ranks = {reader.a_rank(name) for t, names in prefixes.items() if kinds[t] == "falqon"
+               for name in names}
     if len(a_ranks) > 1:
         raise LoadError(f"{directory}: falqon_a ranks differ between layers: {sorted(a_ranks)}")
     if a_ranks:
@@ -666,6 +814,8 @@ def load_fp8_export(
     }
     if "lm_head" in prefixes:
         params["lm_head"] = stack("lm_head")
+    reader.adapter.check_all_used({name for t, names in prefixes.items()
+                                   if kinds[t] == "falqon" for name in names})
     plan = LinearPlan(**kinds, rank=rank, alpha=alpha, train_base=False)
     module = Llama(config, plan, jdtype)
     if jax.tree.structure(params) != jax.tree.structure(abstract_params(module)):
@@ -680,11 +830,84 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise LoadError(f"{directory} has no readable config.json") from None
 
 
-class _Fp8Reader:
-    """Reads one linear layer of an FP8 export (``main`` tensors, then ``extras``)."""
+class _Adapter:
+    """The PEFT LoRA adapter beside an FP8 export (none: no tensors).
 
-    def __init__(self, main: _SafeTensors, extras: _SafeTensors) -> None:
-        self.main, self.extras = main, extras
+    Only what :func:`export_model` writes is accepted: plain LoRA with ``lora_alpha = r``
+    (scaling 1), so ``lora_B`` is FALQON's ``b`` as it is.
+    """
+
+    def __init__(self, tensors: _SafeTensors, rank: int | None) -> None:
+        self.tensors, self.rank = tensors, rank
+
+    @classmethod
+    def read(cls, directory: Path) -> _Adapter:
+        """The adapter in ``directory`` (config and tensors), or an empty one."""
+        config_path = directory / ADAPTER_CONFIG
+        if not config_path.is_file():
+            return cls(_SafeTensors([]), None)
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise LoadError(f"{config_path} is not readable JSON") from None
+        problem = _adapter_problem(config)
+        if problem:
+            raise LoadError(f"{config_path}: {problem}; only adapters written by "
+                            "falqon_jax.export (plain LoRA, lora_alpha = r) are supported")
+        if not (directory / ADAPTER_FILE).is_file():
+            raise LoadError(f"{directory} has {ADAPTER_CONFIG} but no {ADAPTER_FILE}")
+        return cls(_SafeTensors([directory / ADAPTER_FILE]), int(config["r"]))
+
+    @staticmethod
+    def _name(prefix: str, factor: str) -> str:
+        return f"{PEFT_PREFIX}{prefix}.lora_{factor}.weight"
+
+    def has(self, prefix: str) -> bool:
+        """Whether the adapter holds ``prefix``'s ``lora_A`` or ``lora_B``."""
+        return any(self._name(prefix, f) in self.tensors for f in "AB")
+
+    def factor(self, prefix: str, factor: str, shape: tuple[int, int]) -> np.ndarray:
+        """``lora_A`` (``factor="A"``, ``(r, in)``) or ``lora_B`` (``"B"``, ``(out, r)``) of
+        ``prefix``: float32, checked to have ``shape``."""
+        array = self.tensors.get(self._name(prefix, factor))
+        if array.dtype != np.float32 or tuple(array.shape) != shape:
+            raise LoadError(f"adapter tensor {self._name(prefix, factor)} is {array.dtype} "
+                            f"{tuple(array.shape)}, expected float32 {shape}")
+        return array
+
+    def check_all_used(self, prefixes: set[str]) -> None:
+        """Refuse adapter tensors for anything but the FALQON layers ``prefixes``."""
+        used = {self._name(p, f) for p in prefixes for f in "AB"}
+        stray = sorted(set(self.tensors.names()) - used)
+        if stray:
+            raise LoadError(f"adapter tensor {stray[0]} belongs to no FP8 layer of the export "
+                            f"({len(stray)} such tensors)")
+
+
+def _adapter_problem(config: Any) -> str | None:
+    """Why a PEFT ``adapter_config.json`` is not one :func:`export_model` writes, or None."""
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    if config.get("peft_type") != "LORA":
+        return f"peft_type is {config.get('peft_type')!r}, not 'LORA'"
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, int | float) or alpha != r:
+        return f"lora_alpha ({alpha!r}) must equal r ({r!r})"
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(flag):
+            return f"{flag} is set"
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if config.get(pattern):
+            return f"{pattern} is not empty"
+    return None
+
+
+class _Fp8Reader:
+    """Reads one linear layer of an FP8 export (``main`` tensors, then ``extras``, plus the
+    PEFT ``adapter``)."""
+
+    def __init__(self, main: _SafeTensors, extras: _SafeTensors, adapter: _Adapter) -> None:
+        self.main, self.extras, self.adapter = main, extras, adapter
 
     def _store(self, prefix: str) -> _SafeTensors | None:
         """The file holding ``prefix``'s FP8 weight (extras first: an FP8 lm_head)."""
@@ -694,10 +917,15 @@ class _Fp8Reader:
         return None
 
     def kind(self, prefix: str) -> str:
-        """``falqon``, ``fp8_lora`` (FP8 without A rows) or ``frozen`` (unquantized)."""
+        """``falqon`` (FP8 with A rows: ``falqon_a`` or an adapter), ``fp8_lora`` (FP8
+        without) or ``frozen`` (unquantized)."""
         if self._store(prefix) is None:
+            if self.adapter.has(prefix):
+                raise LoadError(f"the adapter has {prefix}, an unquantized layer; only FP8 "
+                                "(FALQON) layers can carry one")
             return "frozen"
-        return "falqon" if f"{prefix}.falqon_a" in self.extras else "fp8_lora"
+        falqon = f"{prefix}.falqon_a" in self.extras or self.adapter.has(prefix)
+        return "falqon" if falqon else "fp8_lora"
 
     def shape(self, prefix: str) -> tuple[int, ...]:
         """Shape of ``prefix``'s FP8 weight."""
@@ -706,7 +934,11 @@ class _Fp8Reader:
         return store.shape(f"{prefix}.weight")
 
     def a_rank(self, prefix: str) -> int:
-        return int(self.extras.get(f"{prefix}.falqon_a").shape[0])
+        """Rank of a FALQON layer: its ``falqon_a`` rows, else the adapter's ``r``."""
+        if f"{prefix}.falqon_a" in self.extras:
+            return int(self.extras.shape(f"{prefix}.falqon_a")[0])
+        assert self.adapter.rank is not None
+        return self.adapter.rank
 
     def dense(self, name: str) -> np.ndarray:
         """An unquantized tensor as float32 (refuses FP8 data without a scale)."""
@@ -714,6 +946,33 @@ class _Fp8Reader:
         if array.dtype == _E4M3:
             raise LoadError(f"{name} is FP8 but has no weight_scale")
         return array.astype(np.float32)
+
+    def falqon_rows(self, prefix: str, scale: np.float32, in_f: int) -> np.ndarray:
+        """FALQON's ``A`` rows of ``prefix``: float8_e4m3fn ``(rank, in)``.
+
+        From ``falqon_a`` if present, else re-quantized from the adapter's ``lora_A`` with
+        ``scale``. With an adapter, ``lora_A`` must be exactly ``rows * scale`` (float32).
+        """
+        rank = self.a_rank(prefix)
+        if f"{prefix}.falqon_a" in self.extras:
+            rows = self.extras.get(f"{prefix}.falqon_a")
+            if rows.dtype != _E4M3:
+                raise LoadError(f"{prefix}.falqon_a is {rows.dtype}, expected float8_e4m3fn")
+        else:
+            rows = (self.adapter.factor(prefix, "A", (rank, in_f)) / scale).astype(_E4M3)
+        if self.adapter.has(prefix):
+            lora_a = self.adapter.factor(prefix, "A", (rank, in_f))
+            if not np.array_equal(_bits(rows.astype(np.float32) * scale), _bits(lora_a)):
+                raise LoadError(f"{prefix}: the adapter's lora_A is not the layer's FALQON A "
+                                "rows (DQ(falqon_a) with its weight_scale)")
+        return rows
+
+    def falqon_b(self, prefix: str, out_f: int, rank: int) -> np.ndarray:
+        """FALQON's ``b`` of ``prefix``: the adapter's ``lora_B``, float32 ``(out, rank)``,
+        or zeros without one."""
+        if self.adapter.has(prefix):
+            return self.adapter.factor(prefix, "B", (out_f, rank))
+        return np.zeros((out_f, rank), np.float32)
 
     def linear(self, prefix: str, kind: str, rank: int, alpha: float, dtype: Any,
                key: jax.Array) -> Any:
@@ -728,18 +987,23 @@ class _Fp8Reader:
         w8 = store.get(f"{prefix}.weight")
         if w8.dtype != _E4M3:
             raise LoadError(f"{prefix}.weight is {w8.dtype}, expected float8_e4m3fn")
-        scale = jnp.asarray(store.get(f"{prefix}.weight_scale").astype(np.float32).reshape(()))
+        scale = store.get(f"{prefix}.weight_scale").astype(np.float32).reshape(())
         out_f, in_f = w8.shape
         if kind == "falqon":
-            full = np.concatenate([w8, self.extras.get(f"{prefix}.falqon_a")], axis=0)
-            return melded.MeldedLinear(w8=jnp.asarray(full), scale=scale,
-                                       b=jnp.zeros((out_f, rank), jnp.float32),
-                                       out=out_f, rank=rank)
+            rows = self.falqon_rows(prefix, scale, in_f)
+            return melded.MeldedLinear(
+                w8=jnp.asarray(np.concatenate([w8, rows], axis=0)), scale=jnp.asarray(scale),
+                b=jnp.asarray(self.falqon_b(prefix, out_f, rank)), out=out_f, rank=rank,
+                b_in_forward=True)
         if melded.check_convertible(out_f, in_f, rank):
             raise LoadError(f"{prefix}: {melded.check_convertible(out_f, in_f, rank)}")
         a, b = _init_adapter(key, out_f, in_f, rank)
-        return fp8_lora.Fp8LoraLinear(w8=jnp.asarray(w8), scale=scale, a=a, b=b,
+        return fp8_lora.Fp8LoraLinear(w8=jnp.asarray(w8), scale=jnp.asarray(scale), a=a, b=b,
                                       rank=rank, alpha=alpha)
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array).view(np.uint8)
 
 
 # --------------------------------------------------------------------------------------
@@ -767,8 +1031,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=64, help="adapter rank for --method")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha for --method")
     p.add_argument("--no-falqon-a", dest="falqon_a", action="store_false",
-                   help="fp8: leave FALQON's A rows out (they are only needed to resume "
-                   "fine-tuning)")
+                   help="fp8: leave FALQON's A rows out of falqon_extras.safetensors "
+                   "(only needed to resume fine-tuning; the PEFT adapter written for a "
+                   "non-zero b holds them anyway)")
     return p
 
 

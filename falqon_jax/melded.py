@@ -52,7 +52,7 @@ class MeldedLinear:
     b: jax.Array
     out: int = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
-    b_in_forward: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    b_in_forward: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
     def in_features(self) -> int:
@@ -230,7 +230,7 @@ def _forward(p: MeldedLinear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST)  # (T, out + rank)
     y, ax = both[:, : p.out], both[:, p.out :]
     if p.b_in_forward:
-        b = sharding.gathered(p.b).astype(x.dtype)
+        b = sharding.gathered(p.b).astype(x.dtype)  # FSDP: gathered (f32, out x rank)
         y = y + lax.dot_general(ax.astype(x.dtype), b, _CONTRACT_RANK,
                                 preferred_element_type=jnp.float32)
     return y.astype(x.dtype).reshape(x.shape[:-1] + (p.out,)), ax

@@ -86,6 +86,55 @@ def melded_leaves(params) -> list[melded.MeldedLinear]:
     return [x for x in jax.tree.leaves(params, is_leaf=melded.is_melded) if melded.is_melded(x)]
 
 
+def with_random_b(params, seed: int = 2, sigma: float = 0.003):
+    """Every melded layer's ``b`` replaced by N(0, sigma) float32 values (a trained live
+    adapter; sigma moves the dense stories260K logits by about 16%)."""
+    rng = np.random.default_rng(seed)
+
+    def one(p):
+        if not isinstance(p, melded.MeldedLinear):
+            return p
+        return dataclasses.replace(p, b=jnp.asarray(rng.normal(scale=sigma, size=p.b.shape),
+                                                    jnp.float32))
+
+    return jax.tree.map(one, params, is_leaf=melded.is_melded)
+
+
+@pytest.fixture(scope="module")
+def falqon_b(falqon):
+    """The ``falqon`` fixture with a non-zero live ``b`` on every melded layer."""
+    from falqon_jax.llama import LlamaModel
+
+    assert all(p.b_in_forward for p in melded_leaves(falqon.params))
+    return LlamaModel(falqon.module, with_random_b(falqon.params))
+
+
+@pytest.fixture(scope="module")
+def falqon_b_hf(falqon_b, tmp_path_factory):
+    """The float32 ``hf`` export of ``falqon_b``."""
+    return export.export_model(falqon_b, tmp_path_factory.mktemp("b") / "hf", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def falqon_b_fp8(falqon_b, tmp_path_factory):
+    """The float32 ``fp8`` export of ``falqon_b`` (FP8 base + PEFT adapter)."""
+    return export.export_model(falqon_b, tmp_path_factory.mktemp("b") / "fp8", format="fp8",
+                               dtype="float32")
+
+
+def dense_logits(directory: Path, tokens: np.ndarray) -> np.ndarray:
+    """Our float32 logits over the dense weights of an ``hf`` export."""
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(load_model(directory, dtype="float32").logits(tokens))
+
+
+def falqon_effective_weight64(p: melded.MeldedLinear) -> np.ndarray:
+    """``DQ(w8[:out]) + b DQ(w8[out:])`` of one layer: float32 DQ, float64 sum, float32."""
+    w = np.asarray(p.w8).astype(np.float32) * np.float32(p.scale)
+    base, a = w[: p.out].astype(np.float64), w[p.out :].astype(np.float64)
+    return (base + np.asarray(p.b, np.float64) @ a).astype(np.float32)
+
+
 def hf_logits(directory: Path, tokens: np.ndarray, dtype=None) -> np.ndarray:
     model, info = transformers.LlamaForCausalLM.from_pretrained(
         directory, dtype=dtype or torch.float32, output_loading_info=True
@@ -167,13 +216,44 @@ def test_effective_weight_of_adapter_methods(name):
     assert np.abs(effective - w).max() > 0.1  # the adapter is really in there
 
 
-def test_falqon_with_nonzero_b_is_refused():
+@pytest.mark.parametrize("live", [True, False])
+def test_falqon_b_in_the_effective_weight(live):
+    """A live ``b`` is part of the weight; a proxy-rule layer (``b_in_forward=False``) never
+    adds it, so a non-zero one there is a corrupt state and refused."""
+    rng = np.random.default_rng(0)
+    w8 = jnp.asarray(rng.normal(size=(36, 32)), fp8.E4M3)
     b = np.zeros((32, 4), np.float32)
     b[3, 1] = 1.0
-    broken = melded.MeldedLinear(w8=jnp.zeros((36, 32), fp8.E4M3), scale=jnp.float32(1),
-                                 b=jnp.asarray(b), out=32, rank=4)
-    with pytest.raises(export.ExportError, match="non-zero b"):
-        export.effective_weight(broken)
+    layer = melded.MeldedLinear(w8=w8, scale=jnp.float32(0.5), b=jnp.asarray(b), out=32,
+                                rank=4, b_in_forward=live)
+    if not live:
+        with pytest.raises(export.ExportError, match="non-zero b"):
+            export.effective_weight(layer)
+        return
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(melded.effective_weight(layer))
+    np.testing.assert_array_equal(export.effective_weight(layer), want)
+    assert np.abs(want - np.asarray(melded.dequantize(layer))).max() > 0.1
+
+
+def test_hf_export_of_falqon_with_live_b(falqon, falqon_b, falqon_b_hf, tokens, tmp_path):
+    """With a non-zero ``b`` the exported weight is ``DQ(w8[:out]) + b A`` (float64 sum,
+    rounded once) and transformers on the export matches our dense forward over the same
+    weights to the float32 tolerance; without ``b`` the logits would be far off."""
+    from safetensors.numpy import load_file
+
+    saved = load_file(falqon_b_hf / "model.safetensors")
+    v = falqon_b.params["layers"]["self_attn"]["v_proj"]
+    for i in range(falqon_b.config.num_layers):
+        layer = jax.tree.map(lambda x, i=i: x[i], v)
+        np.testing.assert_array_equal(saved[f"model.layers.{i}.self_attn.v_proj.weight"],
+                                      falqon_effective_weight64(layer))
+    np.testing.assert_array_equal(saved["lm_head.weight"],
+                                  falqon_effective_weight64(falqon_b.params["lm_head"]))
+    theirs = hf_logits(falqon_b_hf, tokens)
+    assert rel_err(theirs, dense_logits(falqon_b_hf, tokens)) < TOL
+    without_b = export.export_model(falqon, tmp_path / "hf0", dtype="float32")
+    assert rel_err(theirs, dense_logits(without_b, tokens)) > 100 * TOL
 
 
 # --------------------------------------------------------------------------------------
@@ -266,6 +346,140 @@ def test_fp8_export_without_a_rows(falqon, tmp_path):
     want = falqon.params["layers"]["self_attn"]["q_proj"]
     np.testing.assert_array_equal(bits(q.w8), bits(want.w8[:, : want.out]))
     np.testing.assert_array_equal(bits(q.scale), bits(want.scale))
+
+
+def test_fp8_export_with_live_b_writes_a_peft_adapter(falqon_b, falqon_b_fp8):
+    out = falqon_b_fp8
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "config.json",
+        "falqon_extras.safetensors", "model.safetensors", "model.safetensors.index.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"],
+            config["bias"], config["lora_dropout"]) == ("LORA", "CAUSAL_LM", 16, 16, "none", 0)
+    assert config["target_modules"] == ["k_proj", "lm_head", "o_proj", "q_proj", "v_proj"]
+    header = safetensors_header(out / "adapter_model.safetensors")
+    a = header["base_model.model.model.layers.4.self_attn.o_proj.lora_A.weight"]
+    b = header["base_model.model.model.layers.4.self_attn.o_proj.lora_B.weight"]
+    assert (a["dtype"], a["shape"], b["dtype"], b["shape"]) == ("F32", [16, 64], "F32", [64, 16])
+    assert "base_model.model.lm_head.lora_B.weight" in header
+    assert not any("mlp" in k for k in header)  # the MLP stays dense, without an adapter
+    meta = json.loads((out / "config.json").read_text())["falqon_jax"]
+    assert meta["adapter"] == "adapter_model.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+    # The FP8 base is w8[:out] as it is, whatever b.
+    q = falqon_b.params["layers"]["self_attn"]["q_proj"]
+    saved = export._SafeTensors([out / "model.safetensors"])
+    np.testing.assert_array_equal(bits(saved.get("model.layers.0.self_attn.q_proj.weight")),
+                                  bits(q.w8[0, : q.out]))
+
+
+def torch_fp8_base(directory: Path):
+    """transformers' LlamaForCausalLM (float32) with an ``fp8`` export's weights dequantized,
+    ``W = weight * weight_scale``; lm_head from the dense copy in model.safetensors."""
+    from safetensors.torch import load_file
+
+    raw = json.loads((directory / "config.json").read_text())
+    config = transformers.LlamaConfig.from_dict(
+        {k: v for k, v in raw.items() if k not in ("quantization_config", "falqon_jax")})
+    saved = load_file(directory / "model.safetensors")
+    state = {}
+    for name, tensor in saved.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale = saved.get(name.removesuffix(".weight") + ".weight_scale")
+        state[name] = tensor.float() * scale if scale is not None else tensor.float()
+    model = transformers.LlamaForCausalLM(config).float()
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_peft_loads_the_fp8_adapter(falqon_b_fp8, falqon_b_hf, tokens):
+    """PEFT's LoRA on the dequantized FP8 base gives the effective-weight logits. Tolerance:
+    both sides are float32; PEFT adds ``(x A^T) B^T`` to ``x W^T`` where our dense model
+    multiplies by ``W + B A`` rounded once, so they differ by float32 rounding only (about
+    1e-6 relative), well inside the float32 tolerance TOL used against transformers."""
+    peft = pytest.importorskip("peft")
+    model = peft.PeftModel.from_pretrained(torch_fp8_base(falqon_b_fp8), falqon_b_fp8)
+    with torch.no_grad():
+        theirs = model.eval()(torch.tensor(tokens)).logits.float().numpy()
+    assert rel_err(theirs, dense_logits(falqon_b_hf, tokens)) < TOL
+
+
+@pytest.mark.parametrize("falqon_a", [True, False])
+def test_fp8_export_with_live_b_round_trips_bit_exactly(falqon_b, falqon_b_fp8, falqon_a,
+                                                        tokens, tmp_path):
+    """``b`` comes back from the adapter bit for bit, as live adapters; without
+    ``falqon_a`` the A rows are recovered exactly from the adapter's ``lora_A``."""
+    out = falqon_b_fp8
+    if not falqon_a:
+        out = export.export_model(falqon_b, tmp_path / "fp8", format="fp8", dtype="float32",
+                                  falqon_a=False)
+        assert "falqon_a" not in str(safetensors_header(out / "falqon_extras.safetensors"))
+    back = export.load_fp8_export(out, dtype="float32")
+    assert back.plan == falqon_b.plan
+    got = melded_leaves(back.params)
+    assert all(p.b_in_forward for p in got) and all(np.asarray(p.b).any() for p in got)
+    assert_same_params(back.params, falqon_b.params)
+    np.testing.assert_array_equal(np.asarray(back.logits(tokens)),
+                                  np.asarray(falqon_b.logits(tokens)))
+
+
+def test_hf_export_of_an_fp8_export_keeps_b(falqon_b_fp8, falqon_b_hf, tmp_path):
+    """Re-exporting the FP8 export (adapter included) as ``hf`` gives the same weights as
+    exporting the model directly."""
+    from safetensors.numpy import load_file
+
+    assert export.main(["--checkpoint", str(falqon_b_fp8), "--out", str(tmp_path / "hf"),
+                        "--dtype", "float32"]) == 0
+    got, want = (load_file(d / "model.safetensors") for d in (tmp_path / "hf", falqon_b_hf))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(bits(got[name]), bits(want[name]))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("alpha", "lora_alpha .32. must equal r .16."),
+        ("dora", "use_dora is set"),
+        ("lora_a", "not the layer's FALQON A rows"),
+        ("stray", "belongs to no FP8 layer"),
+        ("unquantized", "up_proj, an unquantized layer"),
+        ("missing", "no adapter_model.safetensors"),
+    ],
+)
+def test_foreign_adapters_are_refused(falqon_b_fp8, case, message, tmp_path):
+    """Only adapters as export writes them can become FALQON's ``b``; anything else would
+    be loaded wrongly, so it is refused."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path / "fp8"
+    shutil.copytree(falqon_b_fp8, out)
+    config_path, tensors_path = out / "adapter_config.json", out / "adapter_model.safetensors"
+    config = json.loads(config_path.read_text())
+    tensors = load_file(tensors_path)
+    if case == "alpha":
+        config["lora_alpha"] = 32
+    elif case == "dora":
+        config["use_dora"] = True
+    elif case == "lora_a":
+        name = "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"
+        tensors[name] = tensors[name] * np.float32(1.5)
+    elif case == "stray":
+        tensors["base_model.model.model.embed_tokens.lora_A.weight"] = np.zeros(
+            (16, 64), np.float32)
+    elif case == "unquantized":
+        tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = np.zeros(
+            (16, 64), np.float32)
+    config_path.write_text(json.dumps(config))
+    save_file(tensors, str(tensors_path))
+    if case == "missing":
+        tensors_path.unlink()
+    with pytest.raises(LoadError, match=message):
+        export.load_fp8_export(out, dtype="float32")
 
 
 def test_fp8_export_of_dense_model_quantizes_aligned_projections(full, tmp_path):

@@ -23,14 +23,14 @@ from pathlib import Path
 from falqon_jax.train import main, build_mesh
 from falqon_jax.train_config import resolve
 
-out, model, steps, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5]
+out, model, steps, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5].split()
 meshes = sys.argv[4].split(";")
 result = {"devices": jax.device_count(), "runs": {}}
 for mesh in meshes:
     run = out / mesh.replace("=", "").replace(",", "_")
     args = ["--steps", steps, "--out", str(run), "--log-every", "1", "--mesh", mesh,
             "--eval-every", "1000", "--save-every", "1000", "--sample-tokens", "2",
-            "--batch-size", "16", "--grad-accum", "2", "--method", method]
+            "--batch-size", "16", "--grad-accum", "2", "--method", *method]
     if model != "demo":
         args += ["--model", model, "--data", "demo", "--rank", "16", "--dtype", "float32",
                  "--targets", "q,k,v,o,lm_head"]
@@ -55,7 +55,7 @@ if "--reshard" in sys.argv:
         assert main(["--steps", more, "--out", str(run), "--mesh", mesh, "--resume",
                      "--log-every", "1", "--eval-every", "1000", "--save-every", "1000",
                      "--sample-tokens", "0", "--batch-size", "16", "--grad-accum", "2",
-                     "--method", method] + ([] if model == "demo" else
+                     "--method", *method] + ([] if model == "demo" else
                      ["--model", model, "--data", "demo", "--rank", "16", "--dtype", "float32",
                       "--targets", "q,k,v,o,lm_head"])) == 0
         rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -64,7 +64,7 @@ if "--reshard" in sys.argv:
 # Per-device parameter bytes on the fsdp=8 mesh, read from the arrays' shardings.
 from falqon_jax.sharding import bytes_per_device, tree_shardings
 from falqon_jax import load_model
-m = load_model(model if model != "demo" else "tiny", method=method, rank=16,
+m = load_model(model if model != "demo" else "tiny", method=method[0], rank=16,
                init=None if model != "demo" else "random", dtype="float32")
 config, _ = resolve(["--mesh", "fsdp=8"])
 mesh = build_mesh(config)
@@ -128,20 +128,22 @@ FP8_CHANGED = 0.01
 
 
 def test_falqon_demo_on_meshes_matches_one_device(tmp_path):
-    """The demo (FALQON on the tiny model): the same losses to 1e-4, FP8 weights equal but
-    for rounding flips; and a checkpoint written on fsdp=8 resumes on data=2,fsdp=4 and on
-    one device with the same loss."""
+    """The demo (FALQON's default rule on the tiny model): the same losses to 1e-4, FP8
+    weights bit-identical (the live-``b`` rule never merges into them), ``b`` within 2e-3 of
+    each leaf's largest value (Adam-trained, as LoRA's factors below); and a checkpoint
+    written on fsdp=8 resumes on data=2,fsdp=4 and on one device with the same loss."""
     result = _run_meshes(tmp_path, "demo", 4, "falqon", "--reshard")
-    _compare(result, param_rtol=1e-6, fp8_changed=FP8_CHANGED)
+    _compare(result, param_rtol=2e-3, fp8_changed=0.0)
     np.testing.assert_allclose(result["resumed_fsdp8"], result["resumed_fsdp8_copy"], rtol=1e-5)
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260K")
 def test_stories260k_falqon_fine_tune_on_meshes_matches_one_device(tmp_path):
-    """A FALQON fine-tune of the pretrained stories260K (q, k, v, o and lm_head melded):
-    the first step's loss to 1e-5, three steps to 5e-3 (the one-ulp control above reaches
-    3.7e-3), FP8 weights equal but for rounding flips."""
-    _compare(_run_meshes(tmp_path, str(STORIES), 3, "falqon"), param_rtol=1e-6,
+    """A FALQON fine-tune with the paper's rule (proxy buffers, top-k merges) of the
+    pretrained stories260K (q, k, v, o and lm_head melded): the first step's loss to 1e-5,
+    three steps to 5e-3 (the one-ulp control above reaches 3.7e-3), FP8 weights equal but
+    for rounding flips, ``b`` (zero under this rule) exactly."""
+    _compare(_run_meshes(tmp_path, str(STORIES), 3, "falqon --rule paper"), param_rtol=1e-6,
              loss_rtol=5e-3, fp8_changed=FP8_CHANGED)
 
 
@@ -180,8 +182,9 @@ def test_fsdp_step_gathers_fp8_weights_once_per_layer(tmp_path):
     """The partitioned FALQON train step on fsdp=8 (tiny card: 7 melded projections per
     layer) all-gathers every melded weight as float8_e4m3fn -- 1 byte per value, never
     upcast first -- once in the forward and once in the backward layer body (the remat
-    recompute shares the backward's gather); besides them only the two norm weights are
-    gathered, and nothing reshuffles activations (no all-to-all, no collective-permute)."""
+    recompute shares the backward's gather); besides them only the live ``b`` of each
+    projection (float32, ``out x rank``) and the two norm weights are gathered, and
+    nothing reshuffles activations (no all-to-all, no collective-permute)."""
     out = tmp_path / "collectives.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FALQON_HLO_DUMP")}
     proc = subprocess.run(
@@ -197,7 +200,7 @@ def test_fsdp_step_gathers_fp8_weights_once_per_layer(tmp_path):
         counts = partitioned[body]
         assert counts.get("all-gather f8e4m3fn") == 7, (body, counts)
         gathers = {k: n for k, n in counts.items() if k.startswith("all-gather")}
-        assert gathers == {"all-gather f8e4m3fn": 7, "all-gather f32": 2}, (body, counts)
+        assert gathers == {"all-gather f8e4m3fn": 7, "all-gather f32": 7 + 2}, (body, counts)
     for view in (partitioned, row["compiled"]):
         for counts in view.values():
             assert not any(k.startswith(("all-to-all", "collective-permute")) for k in counts)
