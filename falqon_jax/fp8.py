@@ -110,8 +110,8 @@ def step_away_from_zero(q: jax.Array) -> jax.Array:
     (float32, same shape); at the largest finite value, the step below it."""
     dtype = q.dtype
     top = _finite_max_bits(dtype)
-    mag = jnp.abs(q.astype(jnp.float32)).astype(dtype)
-    bits = jax.lax.bitcast_convert_type(mag, jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(q, jnp.uint8) & jnp.uint8(0x7F)  # clear the sign
+    mag = jax.lax.bitcast_convert_type(bits, dtype)
     at_top = bits >= top
     other = jnp.where(at_top, bits - 1, bits + 1).astype(jnp.uint8)
     neighbour = jax.lax.bitcast_convert_type(other, dtype).astype(jnp.float32)
@@ -147,4 +147,6 @@ def round_to(
     gap = hi - lo
     p_up = jnp.where(gap > 0, (mag - lo) / jnp.where(gap > 0, gap, 1.0), 0.0)
     up = jax.random.uniform(key, x.shape, jnp.float32) < p_up
-    return (jnp.sign(x) * jnp.where(up, hi, lo)).astype(dtype)
+    chosen = jnp.where(up, hi_bits.astype(jnp.uint8), lo_bits)
+    signed = jnp.where(x < 0, chosen | jnp.uint8(0x80), chosen)  # FP8 sign: the top bit
+    return jax.lax.bitcast_convert_type(signed.astype(jnp.uint8), dtype)
