@@ -153,6 +153,7 @@ class _FalqonImpl:
     a_init: str = "svd"
     a_scale: str = DEFAULT_A_SCALE
     a_gain: float = 1.0  # multiplies the "lora" row norm
+    b_init: str = "zero"  # "error": b starts as the fit of the quantization error on A
 
     def init(
         self, w: jax.Array, rank: int, *, alpha: float, key: jax.Array, dtype: Any
@@ -165,7 +166,7 @@ class _FalqonImpl:
         # loading); until then a cheap random placeholder of the same structure.
         a_init = "random" if self.a_init == "grad" else self.a_init
         return melded.init(w, rank, key=key, init=a_init, a_row_norm=norm,
-                           b_in_forward=self.b_in_forward)
+                           b_in_forward=self.b_in_forward, b_init=self.b_init)
 
     def apply(self, params: melded.MeldedLinear, x: jax.Array) -> jax.Array:
         return melded.apply(params, x)
@@ -210,7 +211,7 @@ FALQON = register(Method("falqon", _FalqonImpl(), fp8=True))
 
 def falqon_method(
     *, b_in_forward: bool = True, a_init: str = "svd", a_scale: str = DEFAULT_A_SCALE,
-    a_gain: float = 1.0,
+    a_gain: float = 1.0, b_init: str = "zero",
 ) -> str:
     """The registry name of FALQON layers with these settings, registered on first use.
 
@@ -223,12 +224,14 @@ def falqon_method(
         raise ValueError(f"a_scale must be one of {', '.join(A_SCALES)}, got {a_scale!r}")
     if not a_gain > 0:
         raise ValueError(f"a_gain must be positive, got {a_gain!r}")
+    if b_init not in ("zero", "error"):
+        raise ValueError(f'b_init must be "zero" or "error", got {b_init!r}')
     impl = _FalqonImpl(b_in_forward=bool(b_in_forward), a_init=a_init, a_scale=a_scale,
-                       a_gain=float(a_gain))
+                       a_gain=float(a_gain), b_init=b_init)
     if impl == FALQON.source:
         return FALQON.name
     gain = f"x{float(a_gain):g}" if a_scale == "lora" and a_gain != 1 else ""
-    name = f"falqon[{'live' if b_in_forward else 'proxy'},{a_init},{a_scale}{gain}]"
+    name = f"falqon[{'live' if b_in_forward else 'proxy'},{a_init},{a_scale}{gain},b={b_init}]"
     if name not in _REGISTRY:
         register(Method(name, impl, fp8=True))
     return name
@@ -248,4 +251,4 @@ def linear_method(config: Any) -> str:
     from falqon_jax.optax import rule_uses_live_b
 
     return falqon_method(b_in_forward=rule_uses_live_b(config.rule), a_init=config.init_a,
-                         a_scale=config.a_scale, a_gain=getattr(config, "a_gain", 1.0))
+                         a_scale=config.a_scale, a_gain=config.a_gain, b_init=config.init_b)

@@ -198,11 +198,15 @@ def test_every_recipe_parses():
     from falqon_jax.train_config import resolve
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train").glob("*.toml"))
-    assert len(recipes) == 16
+    assert len(recipes) == 20
     for recipe in recipes:
         config, resume = resolve(["--recipe", str(recipe)])
         assert not resume and config.steps == 1875 and config.lr == 2e-3 and config.top_k == 10
-        assert recipe.stem.endswith(config.method) and not config.is_demo
+        assert not config.is_demo
+        if recipe.stem.endswith("falqon_paper"):  # the published rule, reproducible
+            assert (config.method, config.rule, config.a_scale) == ("falqon", "paper", "natural")
+        else:
+            assert recipe.stem.endswith(config.method) and config.rule == "visible"
 
 
 def test_flags_override_the_demo_one_by_one():
