@@ -280,12 +280,8 @@ def _melded_bwd(residuals, g: jax.Array):
         dx = dx + lax.dot_general(gb.astype(g.dtype), a, _CONTRACT_ROWS,
                                   preferred_element_type=jnp.float32)
     dx = dx.astype(g.dtype).reshape(g.shape[:-1] + (w8.shape[1],))
-    if live and _PRECISE_DB:
-        db = lax.dot_general(g_tokens, ax.astype(g.dtype), _CONTRACT_TOKENS,
-                             preferred_element_type=jnp.float32)
-    else:
-        ax8, ax_scale = fp8.quantize(ax, fp8.E4M3)
-        db = fp8.fp8_dot(g8, g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, rank)
+    ax8, ax_scale = fp8.quantize(ax, fp8.E4M3)
+    db = fp8.fp8_dot(g8, g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, rank)
     dp = MeldedLinear(
         w8=jnp.zeros_like(w8),
         scale=jnp.zeros_like(scale),
@@ -298,6 +294,4 @@ def _melded_bwd(residuals, g: jax.Array):
 
 
 _melded_matmul.defvjp(_melded_fwd, _melded_bwd)
-import os as _os  # noqa: E402  (experiment switch, to be removed)
 
-_PRECISE_DB = _os.environ.get("FALQON_PRECISE_DB") == "1"
