@@ -50,8 +50,7 @@ def dense_gradients(forward: Any, params: Any, batches: Iterable[tuple[Any, Any,
     return total
 
 
-def realign(falqon_params: Any, dense_params: Any, grads: Any, a_row_norm: Any,
-            b_init: str = "zero") -> Any:
+def realign(falqon_params: Any, dense_params: Any, grads: Any, a_row_norm: Any) -> Any:
     """``falqon_params`` with every melded layer rebuilt from its dense weight, ``A`` the
     top right singular vectors of its gradient (``a_row_norm(in, rank)`` gives the norm).
 
@@ -66,7 +65,7 @@ def realign(falqon_params: Any, dense_params: Any, grads: Any, a_row_norm: Any,
 
         def one(w, a):
             return melded.init(w, layer.rank, init="given", a=a, a_row_norm=norm,
-                               b_in_forward=layer.b_in_forward, b_init=b_init)
+                               b_in_forward=layer.b_in_forward)
 
         build = one
         for _ in range(dense.w.ndim - 2):  # stacked layers

@@ -95,7 +95,6 @@ def init(
     a_row_norm: float | None = None,
     b_in_forward: bool = True,
     a: jax.Array | None = None,
-    b_init: Literal["zero", "error"] = "zero",
 ) -> MeldedLinear:
     """Meld a float weight ``w`` of shape ``(out, in)`` into a :class:`MeldedLinear`.
 
@@ -111,10 +110,7 @@ def init(
     weight (``dW = db A``); :func:`lora_row_norm` gives PEFT LoRA's. ``A`` never gets a
     larger magnitude than ``W`` (it is shrunk if it would), so the shared scale stays ``W``'s.
 
-    Then ``[W; A]`` is quantized to E4M3 with one per-tensor scale. ``b_init="zero"``:
-    ``b = 0`` (the paper). ``b_init="error"`` (a live ``b`` only): ``b`` starts as the least
-    squares fit of the backbone's quantization error on ``A``'s rows, ``b A ~ W - DQ(W8)``,
-    so the layer starts closer to ``W`` than its FP8 backbone alone.
+    Then ``[W; A]`` is quantized to E4M3 with one per-tensor scale and ``b = 0``.
     Raises ``ValueError`` for shapes that are not multiples of 16 or an invalid rank.
     """
     w = jnp.asarray(w, jnp.float32)
@@ -144,23 +140,8 @@ def init(
         a = a * jnp.where(a_max > w_max, w_max / a_max, 1.0)  # keep the scale W's
     w8, scale = fp8.quantize(jnp.concatenate([w, a], axis=0), fp8.E4M3)
     b = jnp.zeros((out, rank), jnp.float32)
-    if b_init == "error":
-        if not b_in_forward:
-            raise ValueError('b_init="error" needs a live b (b_in_forward=True)')
-        dq = w8.astype(jnp.float32) * scale
-        b = _fit_rows(w - dq[:out], dq[out:])
-    elif b_init != "zero":
-        raise ValueError(f'b_init must be "zero" or "error", got {b_init!r}')
     return MeldedLinear(w8=w8, scale=scale, b=b, out=out, rank=rank,
                         b_in_forward=bool(b_in_forward))
-
-
-def _fit_rows(target: jax.Array, a: jax.Array) -> jax.Array:
-    """Least-squares ``b (out, r)`` with ``b @ a ~ target`` for ``target (out, in)``,
-    ``a (r, in)`` (a small ridge keeps a rank-deficient ``a`` solvable)."""
-    gram = a @ a.T
-    ridge = 1e-7 * jnp.mean(jnp.diagonal(gram)) * jnp.eye(gram.shape[0], dtype=gram.dtype)
-    return jnp.linalg.solve(gram + ridge, a @ target.T).T
 
 
 def lora_row_norm(in_features: int, rank: int, alpha: float) -> float:

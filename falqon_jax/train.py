@@ -449,7 +449,7 @@ def gradient_aligned_params(config: TrainConfig, prep: Prepared, pad_id: int) ->
             return 1.0  # orthonormal rows, as the SVD gives them
         return config.a_gain * melded.lora_row_norm(in_features, rank, config.alpha)
 
-    return grad_init.realign(prep.model.params, dense.params, grads, norm, config.init_b)
+    return grad_init.realign(prep.model.params, dense.params, grads, norm)
 
 
 class _StopFlag:

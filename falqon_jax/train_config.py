@@ -43,8 +43,7 @@ class TrainConfig:
     rounding: str = "nearest"
     init_a: str = "svd"
     a_scale: str = "lora"
-    a_gain: float = 1.0
-    init_b: str = "zero"
+    a_gain: float = 3.0  # = falqon_jax.methods.DEFAULT_A_GAIN
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     lr: float = 2e-3
     schedule: str = "constant"
@@ -83,7 +82,7 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """Settings a resumed run must share with the run it continues."""
         keys = ("model", "method", "rank", "alpha", "rule", "top_k", "reset", "rounding",
-                "init_a", "a_scale", "a_gain", "init_b", "targets",
+                "init_a", "a_scale", "a_gain", "targets",
                 "dtype", "data", "seed", "batch_size", "grad_accum", "source_len",
                 "target_len", "eval_size")
         return {k: _jsonable(getattr(self, k)) for k in keys}
@@ -148,10 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "weight's loss gradient on the first training batches)")
     add("--a-scale", choices=("lora", "natural"), help="FALQON's A row norm: lora (PEFT "
         "LoRA's, times alpha/rank; default) or natural (the paper's sqrt(S) V^T)")
-    add("--init-b", choices=("zero", "error"), help="FALQON with a live b: zero (the paper) "
-        "or error (b A fits the FP8 quantization error of W at the start)")
-    add("--a-gain", type=float, help="FALQON: multiply the lora row norm of A (with a live b "
-        "and Adam, the same as multiplying b's learning rate)")
+    add("--a-gain", type=float, help="FALQON: multiply the lora row norm of A (default 3; with "
+        "a live b and Adam, the same as multiplying b's learning rate)")
     add("--targets", help="comma-separated layers to adapt: q,k,v,o,gate,up,down[,lm_head]")
     add("--lr", type=float, help="peak learning rate (paper: 2e-3)")
     add("--schedule", choices=("constant", "cosine", "linear"), help="after warm-up")
@@ -229,8 +226,6 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if c.init_b == "error" and c.method == "falqon" and c.rule in ("paper", "reference"):
-        raise ConfigError(f"--init-b error needs a live b; --rule {c.rule} keeps b at zero")
     if c.a_gain <= 0:
         raise ConfigError(f"--a-gain must be positive, got {c.a_gain}")
     if c.lr <= 0:

@@ -264,22 +264,6 @@ def test_a_row_norm_rescales_rows_and_never_exceeds_w():
     assert float(huge.scale) == float(s)  # the shared scale stays W's own
 
 
-def test_b_init_error_fits_the_quantization_error_on_a():
-    """``b_init="error"``: ``b`` is the least-squares fit of ``W - DQ(W8)`` on ``A``'s rows
-    (float64 NumPy reference), so the layer starts closer to ``W`` than its backbone."""
-    w = _weight(6)
-    p = melded.init(jnp.asarray(w), RANK, a_row_norm=0.5, b_init="error")
-    dq = ref.f64(np.asarray(p.w8)) * float(p.scale)
-    a, error = dq[OUT:], w.astype(np.float64) - dq[:OUT]
-    b_ref = ref.lstsq_rows(error, a.astype(np.float32))
-    np.testing.assert_allclose(np.asarray(p.b, np.float64), b_ref, rtol=1e-3,
-                               atol=1e-4 * np.abs(b_ref).max())
-    start = np.linalg.norm(np.asarray(melded.effective_weight(p), np.float64) - w)
-    assert start < 0.8 * np.linalg.norm(error)
-    with pytest.raises(ValueError, match="live b"):
-        melded.init(jnp.asarray(w), RANK, b_in_forward=False, b_init="error")
-
-
 def test_given_a_is_used_as_is():
     w = _weight(7)
     a = np.linalg.qr(np.random.default_rng(8).standard_normal((IN, RANK)))[0].T  # (r, in)
