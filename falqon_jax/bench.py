@@ -9,13 +9,16 @@ Run ``python -m falqon_jax.bench SUBCOMMAND [flags]``:
 * ``speed``: run the same train steps on the default device and report the median
   wall-clock time per step, tokens/s and model-FLOPs utilisation against the device's
   bf16 and FP8 peaks. On a CPU the numbers say nothing about FP8 speed (FP8 is emulated).
-* ``accuracy``: pretrain a small base, fine-tune it with every method and seed, and report
-  the held-out loss per method plus FALQON ablations (see :mod:`falqon_jax.accuracy`).
+* ``accuracy``: fine-tune a real pretrained model (SmolLM2-135M-Instruct by default) with
+  every method and seed, and report the held-out loss per method, the fraction of LoRA's
+  improvement recovered and FALQON's other update rules (see :mod:`falqon_jax.accuracy`).
 
-Methods (``--methods``): ``falqon``, ``lora``, ``fp8_lora``, ``qlora``, ``full`` (see
-:mod:`falqon_jax.methods`). ``--json FILE`` writes a JSON list with one object per
-(method, shape) row; the file is rewritten after every row, so an interrupted run keeps the
-rows it finished.
+Methods (``--methods``): ``falqon`` (FALQON's default update rule), ``falqon_paper``,
+``falqon_reference``, ``falqon_visible_merge``, ``falqon_paper_stochastic``,
+``falqon_paper_feedback`` (its other rules, :data:`FALQON_RULES`), ``lora``, ``fp8_lora``,
+``qlora``, ``full`` (see :mod:`falqon_jax.methods`). ``--json FILE`` writes a JSON list
+with one object per (method, shape) row; the file is rewritten after every row, so an
+interrupted run keeps the rows it finished.
 
 What one "train step" is:
 
@@ -23,9 +26,10 @@ What one "train step" is:
   step receives the input ``x`` ``(T, in)`` and the upstream gradient ``g = dL/dy``
   ``(T, out)`` (both bfloat16), returns ``y`` and ``dL/dx`` (both needed by the
   neighbouring layers, so neither GEMM can be optimised away), takes gradients of the
-  trainable leaves only, and applies gradient clipping + AdamW to them -- plus, for
-  ``falqon``, :func:`falqon_jax.optax.falqon_update` (proxy buffer, top-k row merge into
-  the FP8 weight). Params and optimizer state are donated.
+  trainable leaves only, and applies gradient clipping + AdamW to them -- plus, for the
+  FALQON methods, :func:`falqon_jax.optax.falqon_update` with their rule (for the merging
+  rules the proxy buffer and the top-k row merge into the FP8 weight). Params and optimizer
+  state are donated.
 * Model: a LLaMA decoder built from a model card (``--model-card``, default ``llama-7b``)
   with ``--model-layers`` decoder layers (default 2), next-token cross-entropy on a
   ``(batch, seq)`` token batch, the same optimizer. Adapter methods convert the seven

@@ -48,6 +48,27 @@ def test_demo_writes_metrics_config_and_checkpoints(tmp_path, capsys):
     assert "held-out loss" in stdout and "sample:" in stdout
 
 
+def test_gradient_aligned_a_replaces_every_melded_a(tmp_path, capsys):
+    """``--init-a grad`` on the demo: the run trains, and the saved A rows are singular
+    vectors (orthogonal rows of one norm), not the random placeholder the model was built
+    with (whose rows overlap by about 1/sqrt(64) each). The tiny random model's weights are
+    small, so the rows are shrunk below 3x LoRA's norm to stay within W's magnitude."""
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "grad"
+    code, _, err = _run(capsys, "--steps", 2, "--out", out, "--init-a", "grad", *QUICK)
+    assert code == 0, err
+    state = ocp.PyTreeCheckpointer().restore(out / "checkpoints" / "2" / "state")
+    q = state["params"]["layers"]["self_attn"]["q_proj"]
+    rank = q["b"].shape[-1]
+    w8 = np.asarray(q["w8"]).astype(np.float32)
+    a = w8[:, -rank:, :] * np.asarray(q["scale"])[:, None, None]  # (L, r, in)
+    gram = a @ np.swapaxes(a, -1, -2)
+    gram = gram / np.mean(np.diagonal(gram, axis1=-2, axis2=-1), axis=-1)[:, None, None]
+    # E4M3 rounds every entry by <= 2^-4 relative: orthonormal up to a few percent
+    np.testing.assert_allclose(gram, np.broadcast_to(np.eye(rank), gram.shape), atol=0.05)
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     common = ["--log-every", 1, "--grad-accum", 2, *QUICK]
     whole, half = tmp_path / "whole", tmp_path / "half"
