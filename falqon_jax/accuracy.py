@@ -110,8 +110,8 @@ def falqon_variant(settings: StudySettings, ablation: str = "", **options: Any) 
 def variants(settings: StudySettings) -> list[Variant]:
     """The methods (FALQON with its default rule) followed by FALQON's other rules and
     ablations: the paper's rule as published (top-k proxy merges, ``A`` at its natural
-    scale), the authors' code, stochastic and error-feedback merges, ``visible_merge``,
-    and the default rule with the paper's natural-scale ``A``."""
+    scale), the authors' code, ``visible_merge``, the default rule with the paper's
+    natural-scale ``A``, and the paper's rule with stochastic and error-feedback merges."""
     s = settings
     main = [falqon_variant(s) if m == "falqon" else Variant(m) for m in s.methods]
     if not s.ablations or "falqon" not in s.methods:
@@ -120,10 +120,10 @@ def variants(settings: StudySettings) -> list[Variant]:
     return main + [
         falqon_variant(s, "paper", **paper),
         falqon_variant(s, "reference", rule="reference", a_scale="natural", reset="all"),
-        falqon_variant(s, "paper+stochastic", **paper, rounding="stochastic"),
-        falqon_variant(s, "paper+feedback", **paper, rounding="feedback"),
         falqon_variant(s, "visible_merge", rule="visible_merge"),
         falqon_variant(s, "natural A", a_scale="natural"),
+        falqon_variant(s, "paper+stochastic", **paper, rounding="stochastic"),
+        falqon_variant(s, "paper+feedback", **paper, rounding="feedback"),
     ]
 
 
