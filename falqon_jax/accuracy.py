@@ -276,7 +276,7 @@ def train_run(argv: list[str], out: Path, steps: int, log: Path) -> tuple[float,
 
     done = _final_eval(out, steps)
     if done is not None and _same_config(out, argv):
-        return done, 0.0
+        return done, _recorded_wall(out)
     resume = out.exists() and _same_config(out, argv)
     if out.exists() and any(out.iterdir()) and not resume:
         raise StudyError(f"{out} holds a different run; delete it or choose another --out")
@@ -290,7 +290,20 @@ def train_run(argv: list[str], out: Path, steps: int, log: Path) -> tuple[float,
     loss = _final_eval(out, steps)
     if loss is None:
         raise StudyError(f"training run {out} logged no eval loss; see {log}")
-    return loss, time.perf_counter() - began
+    seconds = time.perf_counter() - began + (_recorded_wall(out) if resume else 0.0)
+    (out / WALL_FILE).write_text(json.dumps({"wall_s": seconds}) + "\n")
+    return loss, seconds
+
+
+WALL_FILE = "study_wall.json"
+
+
+def _recorded_wall(out: Path) -> float:
+    """The wall seconds a finished run took when the study made it (0 if not recorded)."""
+    try:
+        return float(json.loads((out / WALL_FILE).read_text())["wall_s"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def summarize(variant: Variant, losses: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
