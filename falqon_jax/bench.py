@@ -86,6 +86,11 @@ METHOD_NAMES = (*FALQON_RULES, "lora", "fp8_lora", "qlora", "full")
 DEFAULT_METHODS = ("falqon", "falqon_paper", "lora", "fp8_lora", "qlora", "full")
 
 
+def _live_b(method: str) -> bool:
+    """Whether a FALQON bench method or registry name adds ``(A x) b^T`` in the forward."""
+    return bool(methods.get(registry_name(method)).source.b_in_forward)
+
+
 def registry_name(method: str) -> str:
     """The :mod:`falqon_jax.methods` name of a bench method (FALQON rules need layers with
     or without a live ``b``)."""
@@ -459,13 +464,8 @@ def linear_flops(method: str, out: int, in_features: int, tokens: int, rank: int
         return 6 * t * o * i
     if method == "frozen":
         return 4 * t * o * i
-    if method in FALQON_RULES or method.startswith("falqon"):
-        from falqon_jax.optax import rule_uses_live_b
-
-        rule = FALQON_RULES.get(method, {"rule": "visible"})["rule"]
-        if method.startswith("falqon[proxy"):
-            rule = "paper"
-        live = 2 * t * r * (2 * o + i) if rule_uses_live_b(rule) else 0.0
+    if method.startswith("falqon"):  # a bench method or a FALQON registry name
+        live = 2 * t * r * (2 * o + i) if _live_b(method) else 0.0
         return 4 * t * o * i + 2 * t * r * (i + o) + live
     if method in ("lora", "fp8_lora", "qlora"):
         return 4 * t * o * i + 6 * t * r * (i + o)

@@ -302,8 +302,9 @@ def _a8(layer: MeldedLinear) -> jax.Array:
     return layer.w8[..., layer.out :, :].astype(jnp.float32)
 
 
-def _rows_of(w8: jax.Array, rows: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(w8, rows[..., None], axis=-2)  # (..., k, in)
+def _rows_of(matrix: jax.Array, rows: jax.Array) -> jax.Array:
+    """Rows ``rows (..., k)`` of ``matrix (..., R, n)``: ``(..., k, n)``."""
+    return jnp.take_along_axis(matrix, rows[..., None], axis=-2)
 
 
 def _merge_live_rows(
@@ -318,7 +319,7 @@ def _merge_live_rows(
     """
     b_new = layer.b.astype(jnp.float32) + incoming
     rows = _top_rows(b_new, k)
-    picked = jnp.take_along_axis(b_new, rows[..., None], axis=-2)  # (..., k, r)
+    picked = _rows_of(b_new, rows)  # (..., k, r)
     a8 = _a8(layer)
     delta = (picked @ a8) * stepped[..., None, None]  # quantized units
     old = _rows_of(layer.w8, rows)
@@ -366,7 +367,7 @@ def _select_and_reset(
       their rounding residual instead of being cleared).
     """
     rows = _top_rows(buffer, k)
-    picked = jnp.take_along_axis(buffer, rows[..., None], axis=-2)  # (..., k, rank)
+    picked = _rows_of(buffer, rows)  # (..., k, rank)
     a8 = _a8(layer)
     delta = (picked @ a8) * stepped[..., None, None]
     if rounding == "nearest":
