@@ -9,13 +9,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from falqon_jax.llama import LlamaModel
+    from falqon_jax.model.llama import LlamaModel
 
 __all__ = ["load_model"]
 
 
 def load_model(path_or_card: str | os.PathLike[str], **kwargs: Any) -> LlamaModel:
-    """Load a LLaMA checkpoint or model card; see :func:`falqon_jax.loading.load_model`."""
-    from falqon_jax.loading import load_model as _load_model
+    """Load a LLaMA checkpoint or model card; see :func:`falqon_jax.model.loading.load_model`."""
+    from falqon_jax.model.loading import load_model as _load_model
 
     return _load_model(path_or_card, **kwargs)

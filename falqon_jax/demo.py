@@ -1,7 +1,7 @@
 """``python -m falqon_jax.demo``: fine-tune a toy MLP with FALQON: the loss falls on the CPU.
 
 Compares FALQON with float32 LoRA on the same data, steps and optimizer (see
-:mod:`falqon_jax.toy` for what each method is).
+:mod:`falqon_jax.bench.toy` for what each method is).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from falqon_jax import toy
+from falqon_jax.bench import toy
 
 
 def main(argv: list[str] | None = None) -> int:

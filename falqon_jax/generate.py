@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from falqon_jax.cli import OneLineParser
-from falqon_jax.run_loading import Loaded, LoadError
+from falqon_jax.model.loading import LoadError
+from falqon_jax.sources import Loaded
 
 
 class UsageError(ValueError):
@@ -101,7 +102,7 @@ def load_tokenizer(loaded: Loaded, override: str | None) -> Any:
     """The tokenizer for ``loaded``: ``override``, the demo's character tokenizer, or the
     Hugging Face tokenizer next to the weights; ``UsageError`` if there is none."""
     if override is None and loaded.demo:
-        from falqon_jax.demo_data import CharTokenizer
+        from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
     source = override or loaded.tokenizer_dir
@@ -148,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
     """Load, generate, print. Raises :class:`UsageError`/:class:`LoadError` on mistakes."""
     ids = _check_args(args)
     mesh = _mesh(args.mesh)
-    from falqon_jax.run_loading import kind_of, load_any
+    from falqon_jax.sources import kind_of, load_any
 
     if kind_of(args.model) == "card":
-        from falqon_jax.config import available_cards
+        from falqon_jax.model.config import available_cards
 
         if args.model not in available_cards():
             raise UsageError(f"--model {args.model}: no such directory or model card")
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.ignore_eos:
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         eos = eos if eos is not None else model.config.eos_token_id
-    from falqon_jax.generation import generate
+    from falqon_jax.model.generation import generate
 
     params = model.params
     if mesh is not None:

@@ -103,7 +103,7 @@ def init(
     ``init="random"`` (ablation, as in the reference code): ``A`` is drawn from a normal
     with ``W``'s mean and standard deviation and clipped to ``W``'s range; needs ``key``.
     ``init="given"``: ``A`` is the float32 ``(rank, in)`` array ``a`` (e.g. the top right
-    singular vectors of a gradient, :mod:`falqon_jax.grad_init`).
+    singular vectors of a gradient, :mod:`falqon_jax.train.grad_init`).
 
     ``a_row_norm``: rescale every row of ``A`` to this L2 norm (``None`` keeps the natural
     scale above). With a live ``b`` and Adam, ``A``'s scale sets how far one step moves the

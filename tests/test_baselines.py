@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from falqon_jax import fp8_lora, lora, nf4, qlora
+from falqon_jax.baselines import fp8_lora, lora, nf4, qlora
 
 OUT, IN, RANK, ALPHA = 48, 64, 16, 32.0
 SCALING = ALPHA / RANK

@@ -1,8 +1,9 @@
 """Smoke tests of ``python -m falqon_jax.bench``: row keys, cast/GEMM invariants, bad flags.
 
 The cast and GEMM counts are facts of each method's design (see the docstrings of
-:mod:`falqon_jax.melded`, :mod:`falqon_jax.fp8_lora`, :mod:`falqon_jax.lora`,
-:mod:`falqon_jax.qlora` and :mod:`falqon_jax.optax`), counted in the lowered StableHLO of one
+:mod:`falqon_jax.melded`, :mod:`falqon_jax.baselines.fp8_lora`,
+:mod:`falqon_jax.baselines.lora`, :mod:`falqon_jax.baselines.qlora` and :mod:`falqon_jax.optax`),
+counted in the lowered StableHLO of one
 linear-layer train step, which is the same on every backend:
 
 * ``falqon``: casts ``Q_e4m3(x)`` (forward), ``Q_e5m2(g)`` and ``Q_e4m3(A x)`` (backward),
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from falqon_jax import bench
+from falqon_jax.bench import cases, cli, speed
 
 # A tiny linear layer: every dimension a multiple of 16, out * in a multiple of 64 (NF4).
 TINY = ["--shapes", "64x48", "--tokens", "32", "--rank", "8", "--model-card", "none"]
@@ -69,10 +70,10 @@ def _rows(path: Path) -> list[dict]:
 
 def test_hlo_linear_counts(tmp_path: Path) -> None:
     out = tmp_path / "hlo.json"
-    assert bench.main(["hlo", *TINY, "--methods", ",".join(bench.METHOD_NAMES),
+    assert cli.main(["hlo", *TINY, "--methods", ",".join(cases.METHOD_NAMES),
                        "--json", str(out)]) == 0
     rows = _rows(out)
-    assert [r["method"] for r in rows] == list(bench.METHOD_NAMES)
+    assert [r["method"] for r in rows] == list(cases.METHOD_NAMES)
     for row in rows:
         assert HLO_KEYS <= row.keys(), HLO_KEYS - row.keys()
         assert row["shape"] == "64x48" and row["kind"] == "linear" and row["tokens"] == 32
@@ -81,7 +82,7 @@ def test_hlo_linear_counts(tmp_path: Path) -> None:
         assert row["temp_bytes"] >= 0 and row["argument_bytes"] > 0 and row["flops"] > 0
     by_method = {r["method"]: r for r in rows}
     # FALQON's casts are a strict subset of FP8 LoRA's work: fewer casts, fewer FP8 GEMMs.
-    for rule in bench.FALQON_RULES:
+    for rule in cases.FALQON_RULES:
         assert by_method[rule]["fp8_casts"] < by_method["fp8_lora"]["fp8_casts"], rule
     # The GEMM FLOP model: full fine-tuning does 6 T out in, FALQON less than the LoRAs.
     assert by_method["full"]["model_flops"] == 6 * 32 * 64 * 48
@@ -96,7 +97,7 @@ def test_hlo_model_counts_one_layer_per_scan_body(tmp_path: Path) -> None:
     out = tmp_path / "model.json"
     args = ["hlo", "--small", "--shapes", "none", "--methods", "falqon,falqon_paper",
             "--model-layers", "1", "--batch", "2", "--seq", "64", "--json", str(out)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = _rows(out)
     for row in rows:
         assert row["kind"] == "model" and row["shape"] == "tiny:1L" and row["layers"] == 1
@@ -113,7 +114,7 @@ def test_default_rule_keeps_falqons_cost_at_llama7b_shapes(tmp_path: Path) -> No
     args = ["hlo", "--shapes", "4096x4096,11008x4096", "--tokens", "2048", "--rank", "64",
             "--model-card", "none", "--methods", "falqon,falqon_paper,fp8_lora",
             "--json", str(out)]
-    assert bench.main(args) == 0
+    assert cli.main(args) == 0
     rows = {(r["method"], r["shape"]): r for r in _rows(out)}
     for shape in ("4096x4096", "11008x4096"):
         default, paper, fp8 = (rows[m, shape] for m in ("falqon", "falqon_paper", "fp8_lora"))
@@ -126,25 +127,25 @@ def test_speed_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "speed.json"
     args = ["speed", *TINY, "--repeats", "2", "--warmup", "1", "--json", str(out),
             "--methods", "falqon,fp8_lora,full"]
-    assert bench.main(args) == 0
-    assert bench.CPU_NOTE in capsys.readouterr().out
+    assert cli.main(args) == 0
+    assert speed.CPU_NOTE in capsys.readouterr().out
     rows = _rows(out)
     assert [r["method"] for r in rows] == ["falqon", "fp8_lora", "full"]
     for row in rows:
         assert SPEED_KEYS <= row.keys(), SPEED_KEYS - row.keys()
         assert row["step_time_s"] > 0 and len(row["step_times_s"]) == 2
         assert row["tokens_per_s"] == pytest.approx(32 / row["step_time_s"])
-        assert row["backend"] == "cpu" and row["note"] == bench.CPU_NOTE
+        assert row["backend"] == "cpu" and row["note"] == speed.CPU_NOTE
         assert row["mfu_bf16"] is None and row["mfu_fp8"] is None
 
 
 def test_peak_table() -> None:
-    assert bench.peak_flops("NVIDIA H200") == (989e12, 1979e12)
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == (989e12, 1979e12)
-    assert bench.peak_flops("NVIDIA H100 PCIe") == (756e12, 1513e12)
-    assert bench.peak_flops("NVIDIA L40S")[0] == 362e12  # not taken for an L4
-    assert bench.peak_flops("NVIDIA A100-SXM4-80GB") == (312e12, None)  # no FP8 units
-    assert bench.peak_flops("cpu") == (None, None)
+    assert speed.peak_flops("NVIDIA H200") == (989e12, 1979e12)
+    assert speed.peak_flops("NVIDIA H100 80GB HBM3") == (989e12, 1979e12)
+    assert speed.peak_flops("NVIDIA H100 PCIe") == (756e12, 1513e12)
+    assert speed.peak_flops("NVIDIA L40S")[0] == 362e12  # not taken for an L4
+    assert speed.peak_flops("NVIDIA A100-SXM4-80GB") == (312e12, None)  # no FP8 units
+    assert speed.peak_flops("cpu") == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +159,7 @@ def test_peak_table() -> None:
     ],
 )
 def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
-    assert bench.main(argv) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -197,7 +198,7 @@ def test_accuracy_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
             "--model", str(STORIES), "--tokenizer", "char", "--rank", "16",
             "--eval-size", "4", "--batch-size", "4", "--source-len", "16", "--target-len",
             "16", "--json", str(out), "--plot", str(tmp_path / "plot.png")]
-    assert bench.main(argv) == 0
+    assert cli.main(argv) == 0
     assert "recovered" in capsys.readouterr().out
     rows = _rows(out)
     assert [r["method"] for r in rows] == ["falqon", "lora"]
@@ -216,9 +217,9 @@ def test_hlo_small_preset_all_methods(tmp_path: Path) -> None:
     """The full ``--small`` preset (linear + tiny model, every method) runs end to end and
     FALQON has the fewest FP8 casts of the FP8 methods on every shape."""
     out = tmp_path / "small.json"
-    assert bench.main(["hlo", "--small", "--json", str(out)]) == 0
+    assert cli.main(["hlo", "--small", "--json", str(out)]) == 0
     rows = _rows(out)
-    assert len(rows) == 2 * len(bench.METHOD_NAMES)
+    assert len(rows) == 2 * len(cases.METHOD_NAMES)
     for shape in {r["shape"] for r in rows}:
         fp8_rows = {r["method"]: r for r in rows if r["shape"] == shape}
         assert fp8_rows["falqon"]["fp8_casts"] < fp8_rows["fp8_lora"]["fp8_casts"]

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from falqon_jax import data
-from falqon_jax.demo_data import CharTokenizer
+from falqon_jax.train import data
+from falqon_jax.train.demo_data import CharTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ALPACA = SHARED / "data" / "alpaca_data_1k.json"

@@ -13,9 +13,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from falqon_jax import export, fp8, load_model, melded, methods
-from falqon_jax.llama import ALL_TARGETS
-from falqon_jax.run_loading import LoadError, _restore_all, load_run, run_module
+from falqon_jax import export, fp8, load_model, melded
+from falqon_jax.export import cli as export_cli
+from falqon_jax.export import reader as export_reader
+from falqon_jax.model import methods
+from falqon_jax.model.llama import ALL_TARGETS
+from falqon_jax.model.loading import LoadError
+from falqon_jax.train.runs import _restore_all, load_run, run_module
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -103,7 +107,7 @@ def with_random_b(params, seed: int = 2, sigma: float = 0.003):
 @pytest.fixture(scope="module")
 def falqon_b(falqon):
     """The ``falqon`` fixture with a non-zero live ``b`` on every melded layer."""
-    from falqon_jax.llama import LlamaModel
+    from falqon_jax.model.llama import LlamaModel
 
     assert all(p.b_in_forward for p in melded_leaves(falqon.params))
     return LlamaModel(falqon.module, with_random_b(falqon.params))
@@ -333,7 +337,7 @@ def test_fp8_export_bfloat16_keeps_fp8_bits(falqon, tokens, tmp_path):
 def test_fp8_export_without_a_rows(falqon, tmp_path):
     """Without ``falqon_a`` the FP8 layers come back as fp8_lora layers (fresh adapter, b = 0)
     holding the same FP8 weight."""
-    from falqon_jax.fp8_lora import Fp8LoraLinear
+    from falqon_jax.baselines.fp8_lora import Fp8LoraLinear
 
     export.export_model(falqon, tmp_path / "fp8", format="fp8", falqon_a=False)
     assert not (tmp_path / "fp8" / "falqon_extras.safetensors").exists() or \
@@ -369,7 +373,7 @@ def test_fp8_export_with_live_b_writes_a_peft_adapter(falqon_b, falqon_b_fp8):
     assert set(index["weight_map"].values()) == {"model.safetensors"}
     # The FP8 base is w8[:out] as it is, whatever b.
     q = falqon_b.params["layers"]["self_attn"]["q_proj"]
-    saved = export._SafeTensors([out / "model.safetensors"])
+    saved = export_reader._SafeTensors([out / "model.safetensors"])
     np.testing.assert_array_equal(bits(saved.get("model.layers.0.self_attn.q_proj.weight")),
                                   bits(q.w8[0, : q.out]))
 
@@ -430,7 +434,7 @@ def test_hf_export_of_an_fp8_export_keeps_b(falqon_b_fp8, falqon_b_hf, tmp_path)
     exporting the model directly."""
     from safetensors.numpy import load_file
 
-    assert export.main(["--checkpoint", str(falqon_b_fp8), "--out", str(tmp_path / "hf"),
+    assert export_cli.main(["--checkpoint", str(falqon_b_fp8), "--out", str(tmp_path / "hf"),
                         "--dtype", "float32"]) == 0
     got, want = (load_file(d / "model.safetensors") for d in (tmp_path / "hf", falqon_b_hf))
     assert got.keys() == want.keys()
@@ -503,9 +507,9 @@ def test_fp8_export_of_dense_model_quantizes_aligned_projections(full, tmp_path)
 def run(falqon, tmp_path_factory):
     """A FALQON run on stories260K with checkpoints at step 5 (the converted model) and at
     step 10 (perturbed params), saved as the training loop saves them."""
-    from falqon_jax.checkpoints import CheckpointStore
-    from falqon_jax.train_config import TrainConfig
-    from falqon_jax.trainer import Trainer
+    from falqon_jax.train.checkpoints import CheckpointStore
+    from falqon_jax.train.config import TrainConfig
+    from falqon_jax.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("run")
     config = dataclasses.replace(
@@ -548,8 +552,8 @@ def test_restore_fallback_reads_the_whole_state(run, falqon):
     """The path for Orbax versions without partial restores."""
     import orbax.checkpoint as ocp
 
-    from falqon_jax.llama import abstract_params
-    from falqon_jax.run_loading import read_run_config
+    from falqon_jax.model.llama import abstract_params
+    from falqon_jax.train.runs import read_run_config
 
     module = run_module(read_run_config(run))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -561,7 +565,7 @@ def test_restore_fallback_reads_the_whole_state(run, falqon):
 def test_export_from_a_run(run, falqon, tmp_path, capsys):
     from falqon_jax.generate import main as generate_main
 
-    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "fp8"),
+    assert export_cli.main(["--checkpoint", str(run), "--out", str(tmp_path / "fp8"),
                         "--format", "fp8", "--dtype", "float32"]) == 0
     assert "training run" in capsys.readouterr().out
     back = export.load_fp8_export(tmp_path / "fp8", dtype="float32")
@@ -601,7 +605,7 @@ def test_load_run_errors(run, tmp_path):
 
 def run_cli(args: list[str]) -> int:
     try:
-        return export.main(args)
+        return export_cli.main(args)
     except SystemExit as exit_:  # argparse errors
         return int(exit_.code)
 

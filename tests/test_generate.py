@@ -12,7 +12,7 @@ import pytest
 
 from falqon_jax import load_model
 from falqon_jax.generate import main
-from falqon_jax.generation import generate, sample_logits
+from falqon_jax.model.generation import generate, sample_logits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from falqon_jax import grad_init, melded
-from falqon_jax.methods import Dense
+from falqon_jax import melded
+from falqon_jax.model.methods import Dense
+from falqon_jax.train import grad_init
 
 
 def test_gradient_directions_are_the_top_right_singular_vectors():

@@ -11,16 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from falqon_jax import load_model, melded, methods
-from falqon_jax.config import load_card
-from falqon_jax.llama import (
+from falqon_jax import load_model, melded
+from falqon_jax.model import methods
+from falqon_jax.model.config import load_card
+from falqon_jax.model.llama import (
     LinearPlan,
     Llama,
     abstract_params,
     plan_linears,
     trainable_mask,
 )
-from falqon_jax.loading import random_params
+from falqon_jax.model.loading import random_params
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from falqon_jax import fp8, load_model, melded, methods
-from falqon_jax.config import LlamaConfig, RopeScaling, available_cards, load_card
-from falqon_jax.llama import ALL_TARGETS
+from falqon_jax import fp8, load_model, melded
+from falqon_jax.model import methods
+from falqon_jax.model.config import LlamaConfig, RopeScaling, available_cards, load_card
+from falqon_jax.model.llama import ALL_TARGETS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from falqon_jax import hlo, melded
+from falqon_jax import melded
+from falqon_jax.bench import hlo
 from tests import reference as ref
 
 OUT, IN, RANK, TOKENS = 48, 64, 16, 40

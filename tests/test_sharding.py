@@ -20,8 +20,8 @@ SCRIPT = r"""
 import json, sys
 import jax, numpy as np, orbax.checkpoint as ocp
 from pathlib import Path
-from falqon_jax.train import main, build_mesh
-from falqon_jax.train_config import resolve
+from falqon_jax.train.run import main, build_mesh
+from falqon_jax.train.config import resolve
 
 out, model, steps, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5].split()
 meshes = sys.argv[4].split(";")
@@ -210,7 +210,7 @@ GENERATE_SCRIPT = r"""
 import json, sys
 import jax
 from falqon_jax import load_model
-from falqon_jax.generation import generate
+from falqon_jax.model.generation import generate
 from falqon_jax.generate import main
 from falqon_jax.sharding import parse_mesh, tree_shardings
 

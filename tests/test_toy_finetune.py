@@ -2,7 +2,7 @@
 
 import pytest
 
-from falqon_jax import toy
+from falqon_jax.bench import toy
 
 RANK, LR, STEPS = 32, 1e-2, 300
 

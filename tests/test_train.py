@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from falqon_jax.train import main
+from falqon_jax.train.run import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ALPACA = SHARED / "data" / "alpaca_data_1k.json"
@@ -216,7 +216,7 @@ def test_user_errors_print_no_traceback_from_the_command_line(tmp_path):
 
 
 def test_every_recipe_parses():
-    from falqon_jax.train_config import resolve
+    from falqon_jax.train.config import resolve
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train").glob("*.toml"))
     assert len(recipes) == 20
@@ -231,7 +231,7 @@ def test_every_recipe_parses():
 
 
 def test_flags_override_the_demo_one_by_one():
-    from falqon_jax.train_config import DEMO, resolve
+    from falqon_jax.train.config import DEMO, resolve
 
     config, _ = resolve(["--steps", "30", "--out", "somewhere"])
     assert config.is_demo and config.steps == 30 and config.out == "somewhere"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from falqon_jax.data import Example, Segment
+from falqon_jax.train.data import Example, Segment
 
 
 class CharTokenizer:

@@ -14,11 +14,16 @@ Two views are counted:
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
+
+from falqon_jax.bench.cases import Case, base_row
 
 _FP8_TYPE = r"f8E4M3FN|f8E5M2|f8e4m3fn|f8e5m2"
 # StableHLO: %3 = stablehlo.convert %2 : (tensor<8x16xf32>) -> tensor<8x16xf8E4M3FN>
@@ -173,3 +178,92 @@ def collectives(hlo_text: str) -> list[LoopCollectives]:
     ]
     result = [LoopCollectives(name, count(root)) for name, root in roots]
     return [r for r in result if r.counts]
+
+# --------------------------------------------------------------------------------------
+# The ``hlo`` subcommand's rows.
+
+
+_HLO_LAYOUT_OP = re.compile(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* (copy|transpose)\(")
+
+
+def count_layout_ops(compiled_text: str, large_elements: int) -> dict[str, int]:
+    """Copies and transposes of tensors with >= ``large_elements`` elements in optimized
+    HLO text (fusion bodies included): dense data movement such as a copy of a weight
+    around an in-place update, or a weight transposed for a GEMM layout."""
+    counts = {"copy": 0, "transpose": 0}
+    for match in _HLO_LAYOUT_OP.finditer(compiled_text):
+        size = math.prod(int(d) for d in match.group(1).split(",") if d)
+        if size >= large_elements:
+            counts[match.group(2)] += 1
+    return {"compiled_copies_large": counts["copy"],
+            "compiled_transposes_large": counts["transpose"]}
+
+
+def hlo_row(
+    case: Case, env: dict[str, Any], large_elements: int | None, dump: Path | None = None
+) -> dict[str, Any]:
+    """Lower and compile ``case`` from abstract inputs and collect the counts.
+
+    The same analysis as :func:`analyze` (its counters, memory and cost
+    analysis) from one compilation, plus :func:`count_layout_ops`; ``dump`` (a folder)
+    receives the lowered StableHLO and the optimized HLO text of the case.
+
+    ``fp8_casts``/``gemms``/... come from the lowered StableHLO (backend-independent);
+    ``compiled_*`` from the backend's optimized HLO. ``large_elements`` (default
+    ``2 * tokens * max(rank, 16)``, above every ``tokens x rank`` tensor) sets which casts
+    count as large.
+    """
+    if large_elements is None:
+        large_elements = 2 * case.tokens * max(case.extra["rank"], 16)
+    start = time.perf_counter()
+    lowered = jax.jit(case.step, donate_argnums=(0, 1, 2)).lower(*case.state, *case.inputs)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    lowered_text, compiled_text = lowered.as_text(), compiled.as_text()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older JAX: one dict per computation
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    row = base_row(case, env)
+    row.update(count_lowered(lowered_text, large_elements).as_dict())
+    compiled_counts = count_compiled(compiled_text, large_elements).as_dict()
+    row.update({f"compiled_{k}": v for k, v in compiled_counts.items()})
+    row.update(count_layout_ops(compiled_text, large_elements))
+    row.update(
+        {
+            "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
+            "argument_bytes": int(getattr(memory, "argument_size_in_bytes", -1)),
+            "output_bytes": int(getattr(memory, "output_size_in_bytes", -1)),
+            "alias_bytes": int(getattr(memory, "alias_size_in_bytes", -1)),
+            "flops": float(cost.get("flops", -1.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", -1.0)),
+            "large_elements": large_elements,
+            "compile_s": round(seconds, 3),
+        }
+    )
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        stem = f"{case.method}_{case.shape.replace(':', '_')}"
+        (dump / f"{stem}.lowered.mlir").write_text(lowered_text)
+        (dump / f"{stem}.compiled.hlo").write_text(compiled_text)
+    return row
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f}" if n >= 0 else "n/a"
+
+
+HLO_HEADER = (
+    f"{'method':<9} {'shape':<16} {'casts':>5} {'large':>5} {'gemms':>5} {'fp8g':>4} "
+    f"{'c.casts':>7} {'c.copy':>6} {'temp MB':>9} {'arg MB':>9} {'GFLOP':>10}"
+)
+def format_hlo(row: dict[str, Any]) -> str:
+    """One table line of an ``hlo`` row."""
+    return (
+        f"{row['method']:<9} {row['shape']:<16} {row['fp8_casts']:>5} "
+        f"{row['fp8_casts_large']:>5} {row['gemms']:>5} {row['fp8_gemms']:>4} "
+        f"{row['compiled_fp8_casts']:>7} {row['compiled_copies_large']:>6} "
+        f"{_mb(row['temp_bytes']):>9} "
+        f"{_mb(row['argument_bytes']):>9} {row['flops'] / 1e9:>10.1f}"
+    )

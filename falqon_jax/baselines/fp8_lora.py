@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from falqon_jax import fp8, melded
-from falqon_jax.lora import _adapter_mask, _check_input, _init_adapter, _weight_shape
+from falqon_jax.baselines.lora import _adapter_mask, _check_input, _init_adapter, _weight_shape
 
 
 @jax.tree_util.register_dataclass

@@ -1,4 +1,5 @@
-"""Build a :class:`~falqon_jax.llama.LlamaModel` from a Hugging Face checkpoint or a model card.
+"""Build a :class:`~falqon_jax.model.llama.LlamaModel` from a Hugging Face checkpoint or a model
+card.
 
 Checkpoints are read with ``safetensors`` one tensor at a time and converted layer by
 layer into preallocated stacked device arrays, so memory holds the converted model plus
@@ -22,8 +23,8 @@ import numpy as np
 from jax import lax
 from safetensors import safe_open
 
-from falqon_jax.config import LlamaConfig, load_card
-from falqon_jax.llama import (
+from falqon_jax.model.config import LlamaConfig, load_card
+from falqon_jax.model.llama import (
     ALL_TARGETS,
     INIT_STD,
     Llama,
@@ -34,6 +35,12 @@ from falqon_jax.llama import (
 )
 
 _DTYPES = ("bfloat16", "float32")
+
+
+class LoadError(ValueError):
+    """A path or setting that cannot be loaded (a checkpoint, run or export); the message is
+    one line saying why."""
+
 _HF_LINEARS = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
@@ -65,11 +72,11 @@ def load_model(
       path_or_card: a Hugging Face checkpoint directory (``config.json`` plus
         ``model.safetensors`` or sharded ``*.safetensors`` with
         ``model.safetensors.index.json``), or a model-card name (``models/NAME.toml``).
-      method: linear-layer method for the ``targets`` (see :mod:`falqon_jax.methods`).
+      method: linear-layer method for the ``targets`` (see :mod:`falqon_jax.model.methods`).
       rank, alpha: adapter rank and scale, passed to the method.
       dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
       targets: layers to convert (``q k v o gate up down``, optionally ``lm_head``);
-        default: the seven decoder projections. See :func:`falqon_jax.llama.plan_linears`.
+        default: the seven decoder projections. See :func:`falqon_jax.model.llama.plan_linears`.
       init: ``"random"`` for random weights (needed for a card; optional for a directory).
       seed: PRNG seed for random init and for methods that draw random factors.
       remat: recompute each decoder layer in the backward pass (gradient checkpointing).
@@ -119,7 +126,7 @@ def _refuse_quantized(directory: Path) -> None:
         method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
         raise ValueError(
             f"{directory} holds quantized weights ({method}); load a falqon-jax FP8 export "
-            "with falqon_jax.export.load_fp8_export or falqon_jax.run_loading.load_any "
+            "with falqon_jax.export.load_fp8_export or falqon_jax.sources.load_any "
             "(the generate and export CLIs do this), or pass an unquantized checkpoint"
         )
 

@@ -1,15 +1,15 @@
 """The ``accuracy`` study of ``python -m falqon_jax.bench``: held-out loss per method.
 
-Every run goes through the training CLI (:func:`falqon_jax.train.main`, in-process), so the
-study measures exactly what ``python -m falqon_jax.train`` does:
+Every run goes through the trainer's Python API (:func:`falqon_jax.train.finetune`,
+in-process), so the study measures exactly what ``python -m falqon_jax.train`` does:
 
 1. **The base** is a real pretrained model: by default SmolLM2-135M-Instruct, converted
    from the GGUF file in ``../shared/models/smollm2-135m-instruct`` into a cache directory
    (:func:`prepare_smollm2`; ``--model DIR`` takes any Hugging Face LLaMA directory). Its
-   own held-out loss is measured with the same pipeline (:func:`base_argv`: LoRA, one step
+   own held-out loss is measured with the same pipeline (:func:`base_config`: LoRA, one step
    at a learning rate of 1e-30, i.e. the untouched weights).
 2. **Fine-tune** it with every method and seed for the same steps, rank, learning rate and
-   batches (:func:`finetune_argv`), plus FALQON's other update rules and ablations
+   batches (:func:`finetune_config`), plus FALQON's other update rules and ablations
    (:func:`variants`).
 3. Report per variant: the held-out loss (mean and sample standard deviation over seeds),
    the fraction of LoRA's improvement over the base it recovers, and wall time.
@@ -42,9 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from falqon_jax.train.config import PAPER, TrainConfig
+
 ADAPTER_METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
-TARGETS = "q,k,v,o,gate,up,down"
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 SMOLLM2_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "model.Q4_1.gguf"
 CACHE = Path.home() / ".cache" / "falqon-jax"
 
@@ -80,7 +82,7 @@ class Variant:
     """One fine-tuning setting: a ``--method`` and, for FALQON, its rule and options."""
 
     method: str
-    falqon: tuple[tuple[str, Any], ...] = ()  # CLI settings of FALQON (name, value)
+    falqon: tuple[tuple[str, Any], ...] = ()  # FALQON's TrainConfig settings (name, value)
     ablation: str = ""
 
     @property
@@ -99,8 +101,6 @@ class Variant:
 def falqon_variant(settings: StudySettings, ablation: str = "", **options: Any) -> Variant:
     """FALQON with the default rule unless ``options`` (``rule``, ``top_k``, ``reset``,
     ``rounding``, ``init_a``, ``a_scale``, ``a_gain``) say otherwise."""
-    from falqon_jax.train_config import PAPER
-
     values = {"rule": PAPER.rule, "top_k": settings.top_k, "reset": PAPER.reset,
               "rounding": PAPER.rounding, "init_a": PAPER.init_a, "a_scale": PAPER.a_scale,
               "a_gain": PAPER.a_gain} | options
@@ -160,47 +160,38 @@ def prepare_smollm2(cache: Path = CACHE, gguf: Path = SMOLLM2_GGUF) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# Command lines of the runs.
+# The settings of the runs.
 
 
-def _common(settings: StudySettings, model: Path) -> list[str]:
+def _common(settings: StudySettings, model: Path) -> dict[str, Any]:
     s = settings
-    argv = [
-        "--model", str(model), "--eval-size", str(s.eval_size),
-        "--source-len", str(s.source_len), "--target-len", str(s.target_len),
-        "--dtype", "float32", "--batch-size", str(s.batch_size), "--grad-accum", "1",
-        "--no-remat", "--rank", str(s.rank), "--alpha", "16", "--targets", TARGETS,
-        "--weight-decay", "0", "--beta2", "0.999", "--max-grad-norm", "3.0",
-        "--keep-checkpoints", "1", "--sample-tokens", "0", "--schedule", "constant",
-        "--warmup-ratio", "0.03",
-    ]
-    if s.tokenizer:
-        argv += ["--tokenizer", s.tokenizer]
-    return argv
+    return {
+        "model": str(model), "tokenizer": s.tokenizer, "eval_size": s.eval_size,
+        "source_len": s.source_len, "target_len": s.target_len, "dtype": "float32",
+        "batch_size": s.batch_size, "grad_accum": 1, "remat": False, "rank": s.rank,
+        "alpha": 16.0, "targets": TARGETS, "weight_decay": 0.0, "beta2": 0.999,
+        "max_grad_norm": 3.0, "keep_checkpoints": 1, "sample_tokens": 0,
+        "schedule": "constant", "warmup_ratio": 0.03,
+    }
 
 
-def base_argv(settings: StudySettings, model: Path, data: Path, out: Path) -> list[str]:
+def base_config(settings: StudySettings, model: Path, data: Path, out: Path) -> TrainConfig:
     """The base's held-out loss through the same pipeline: LoRA (``B = 0``), one step at a
     learning rate of 1e-30, so the weights it evaluates are the base's."""
-    return [*_common(settings, model), "--method", "lora", "--data", str(data), "--seed", "0",
-            "--lr", "1e-30", "--steps", "1", "--eval-every", "1", "--log-every", "1",
-            "--save-every", "1", "--out", str(out)]
+    return dataclasses.replace(
+        PAPER, **_common(settings, model), method="lora", data=str(data), seed=0, lr=1e-30,
+        steps=1, eval_every=1, log_every=1, save_every=1, out=str(out))
 
 
-def finetune_argv(settings: StudySettings, model: Path, variant: Variant, seed: int,
-                  data: Path, out: Path) -> list[str]:
-    """Flags of one fine-tune: constant learning rate after 3% warm-up, the same for every
-    method."""
+def finetune_config(settings: StudySettings, model: Path, variant: Variant, seed: int,
+                    data: Path, out: Path) -> TrainConfig:
+    """One fine-tune: constant learning rate after 3% warm-up, the same for every method;
+    FALQON's rule and options from ``variant``."""
     s = settings
-    argv = [
-        *_common(s, model), "--method", variant.method, "--data", str(data),
-        "--seed", str(seed), "--lr", str(s.lr), "--steps", str(s.steps),
-        "--eval-every", str(s.steps), "--log-every", "5", "--save-every", str(s.steps),
-        "--out", str(out),
-    ]
-    for name, value in variant.falqon:
-        argv += ["--" + name.replace("_", "-"), str(value)]
-    return argv
+    return dataclasses.replace(
+        PAPER, **_common(s, model), method=variant.method, data=str(data), seed=seed,
+        lr=s.lr, steps=s.steps, eval_every=s.steps, log_every=5, save_every=s.steps,
+        out=str(out), **dict(variant.falqon))
 
 
 # --------------------------------------------------------------------------------------
@@ -220,7 +211,7 @@ def write_seed_data(data: Path, eval_size: int, seed: int, directory: Path) -> P
     """A copy of ``data`` whose ``data.split(..., eval_size, seed)`` equals the split of
     seed 0 of the original (same train and held-out examples, same order); ``data`` itself
     for seed 0."""
-    from falqon_jax import data as data_mod
+    from falqon_jax.train import data as data_mod
 
     if seed == 0:
         return data
@@ -260,33 +251,34 @@ def _final_eval(out: Path, steps: int) -> float | None:
     return None
 
 
-def _same_config(out: Path, argv: list[str]) -> bool:
-    from falqon_jax.train_config import resolve
-
+def _same_config(out: Path, config: TrainConfig) -> bool:
     saved = out / "config.json"
-    if not saved.exists():
-        return False
-    config, _ = resolve(argv)
-    return json.loads(saved.read_text()) == json.loads(config.to_json())
+    return saved.exists() and json.loads(saved.read_text()) == json.loads(config.to_json())
 
 
-def train_run(argv: list[str], out: Path, steps: int, log: Path) -> tuple[float, float]:
-    """Run (or reuse, or resume) one training run; ``(final eval loss, wall seconds)``."""
+def train_run(config: TrainConfig, log: Path) -> tuple[float, float]:
+    """Run (or reuse, or resume) one training run in this process
+    (:func:`falqon_jax.train.finetune`); ``(final eval loss, wall seconds)``."""
     from falqon_jax import train
 
+    out, steps = Path(config.out), config.steps
     done = _final_eval(out, steps)
-    if done is not None and _same_config(out, argv):
+    if done is not None and _same_config(out, config):
         return done, _recorded_wall(out)
-    resume = out.exists() and _same_config(out, argv)
+    resume = out.exists() and _same_config(out, config)
     if out.exists() and any(out.iterdir()) and not resume:
         raise StudyError(f"{out} holds a different run; delete it or choose another --out")
     log.parent.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     with log.open("a") as sink, contextlib.redirect_stdout(sink), \
             contextlib.redirect_stderr(sink):
-        code = train.main(argv + (["--resume"] if resume else []))
-    if code != 0:
-        raise StudyError(f"training run {out} failed with exit code {code}; see {log}")
+        try:
+            result = train.finetune(config, resume=resume)
+        except (train.ConfigError, train.DataError, train.UserError) as err:
+            raise StudyError(f"training run {out}: {err}") from None
+    if result.exit_code != 0:
+        raise StudyError(f"training run {out} failed with exit code {result.exit_code}; "
+                         f"see {log}")
     loss = _final_eval(out, steps)
     if loss is None:
         raise StudyError(f"training run {out} logged no eval loss; see {log}")
@@ -338,8 +330,8 @@ def run_study(
     s.out.mkdir(parents=True, exist_ok=True)
     logs = s.out / "logs"
     began = time.perf_counter()
-    base_loss, base_s = train_run(base_argv(s, model, s.data, s.out / "base"), s.out / "base",
-                                  1, logs / "base.log")
+    base_loss, base_s = train_run(base_config(s, model, s.data, s.out / "base"),
+                                  logs / "base.log")
     say(f"base: {model.name}, held-out loss {base_loss:.4f} ({base_s:.0f} s)")
     common = {"model": model.name, "steps": s.steps, "lr": s.lr, "rank": s.rank,
               "batch_size": s.batch_size, "source_len": s.source_len,
@@ -353,8 +345,8 @@ def run_study(
             data = write_seed_data(s.data, s.eval_size, seed, s.out / "data")
             label = "".join(c if c.isalnum() or c in "-_" else "_" for c in variant.name)
             out = s.out / "runs" / f"{label}-seed{seed}"
-            loss, seconds = train_run(finetune_argv(s, model, variant, seed, data, out), out,
-                                      s.steps, logs / f"{out.name}.log")
+            loss, seconds = train_run(finetune_config(s, model, variant, seed, data, out),
+                                      logs / f"{out.name}.log")
             losses.append(loss)
             wall += seconds
             say(f"  {variant.name} seed {seed}: held-out loss {loss:.4f} ({seconds:.0f} s)")
@@ -431,6 +423,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StudyError", "StudySettings", "Variant", "base_argv", "finetune_argv",
+__all__ = ["StudyError", "StudySettings", "Variant", "base_config", "finetune_config",
            "format_table", "plot", "prepare_smollm2", "run_study", "variants",
            "write_seed_data"]

@@ -3,10 +3,11 @@
 A linear layer ``y = x W^T`` with ``W`` of shape ``(out, in)`` becomes
 ``y = x DQ(W_nf4)^T + (alpha / rank) (x A^T) B^T`` with
 
-* ``w`` -- the frozen backbone as an :class:`falqon_jax.nf4.NF4Tensor` (NF4, block size 64,
-  double-quantized absmax; see :mod:`falqon_jax.nf4`),
+* ``w`` -- the frozen backbone as an :class:`~falqon_jax.baselines.nf4.NF4Tensor` (NF4, block
+  size 64, double-quantized absmax; see :mod:`falqon_jax.baselines.nf4`),
 * ``a`` -- float32 ``(rank, in)`` and ``b`` -- float32 ``(out, rank)``: the trainable LoRA
-  factors (PEFT init), cast to the compute dtype for the matmuls as in :mod:`falqon_jax.lora`,
+  factors (PEFT init), cast to the compute dtype for the matmuls as in
+  :mod:`falqon_jax.baselines.lora`,
 * ``compute_dtype`` -- static name of the compute dtype (``"bfloat16"`` by default).
 
 As in bitsandbytes' ``Linear4bit`` the backbone is dequantized to the compute dtype on the
@@ -25,8 +26,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from falqon_jax import nf4
-from falqon_jax.lora import (
+from falqon_jax.baselines import nf4
+from falqon_jax.baselines.lora import (
     _adapter,
     _adapter_mask,
     _check_input,

@@ -25,22 +25,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from falqon_jax.config import LlamaConfig, load_card
-from falqon_jax.llama import Llama, LlamaModel, abstract_params, plan_linears
+from falqon_jax.model.config import LlamaConfig, load_card
+from falqon_jax.model.llama import Llama, LlamaModel, abstract_params, plan_linears
+from falqon_jax.model.loading import LoadError
 
 CHECKPOINTS = "checkpoints"
-_DTYPES = ("bfloat16", "float32")
-
-
-class LoadError(ValueError):
-    """A path or setting that cannot be loaded; the message is one line saying why."""
+DTYPES = ("bfloat16", "float32")
 
 
 # --------------------------------------------------------------------------------------
 # Recognising what a path holds.
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -53,6 +50,11 @@ def is_run_config(data: dict[str, Any] | None) -> bool:
     return data is not None and "model_type" not in data and {"model", "method"} <= data.keys()
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` is one saved step of a run, ``OUT/checkpoints/STEP``."""
+    return path.name.isdigit() and path.parent.name == CHECKPOINTS and (path / "state").is_dir()
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Saved steps under ``run_dir/checkpoints``, ascending (complete checkpoints only)."""
     folder = run_dir / CHECKPOINTS
@@ -63,42 +65,20 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     )
 
 
-def kind_of(path: str | os.PathLike[str]) -> str:
-    """What ``path`` is: ``"run"``, ``"checkpoint"`` (``OUT/checkpoints/N``), ``"fp8"`` (an
-    FP8 export), ``"hf"`` (a Hugging Face checkpoint), ``"card"`` (a name that is not a
-    path) or ``"missing"``/``"unknown"``."""
-    p = Path(path)
-    if not p.exists():
-        return "missing" if os.sep in str(path) or "/" in str(path) else "card"
-    if not p.is_dir():
-        return "unknown"
-    if p.name.isdigit() and p.parent.name == CHECKPOINTS and (p / "state").is_dir():
-        return "checkpoint"
-    if p.name == CHECKPOINTS and is_run_config(_read_json(p.parent / "config.json")):
-        return "run"
-    config = _read_json(p / "config.json")
-    if is_run_config(config):
-        return "run"
-    if config is not None and "model_type" in config:
-        quant = config.get("quantization_config") or {}
-        return "fp8" if quant.get("quant_method") == "compressed-tensors" else "hf"
-    return "unknown"
-
-
 # --------------------------------------------------------------------------------------
 # Training runs.
 
 
 def read_run_config(run_dir: Path) -> Any:
-    """The run's :class:`~falqon_jax.train_config.TrainConfig` from ``run_dir/config.json``.
+    """The run's :class:`~falqon_jax.train.config.TrainConfig` from ``run_dir/config.json``.
 
     Keys the current ``TrainConfig`` does not know are ignored (runs from other versions).
     A FALQON run saved before update rules existed trained with the paper's rule and
     natural-scale ``A``, so its missing ``rule``/``a_scale`` read as those.
     """
-    from falqon_jax.train_config import TrainConfig
+    from falqon_jax.train.config import TrainConfig
 
-    data = _read_json(run_dir / "config.json")
+    data = read_json(run_dir / "config.json")
     if not is_run_config(data):
         raise LoadError(f"{run_dir}/config.json is missing or not a training run's settings")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -129,7 +109,7 @@ def run_module(config: Any, dtype: str | None = None) -> Llama:
     same parameter structure as FALQON.
     """
     arch = _architecture(config.model)
-    from falqon_jax.methods import linear_method
+    from falqon_jax.model.methods import linear_method
 
     method = linear_method(config)
     with warnings.catch_warnings():  # the run already reported unconverted layers
@@ -202,22 +182,21 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     Raises :class:`LoadError` for anything else, saying what the path is instead.
     """
     p = Path(path)
-    if p.name == CHECKPOINTS and is_run_config(_read_json(p.parent / "config.json")):
+    if p.name == CHECKPOINTS and is_run_config(read_json(p.parent / "config.json")):
         p = p.parent  # OUT/checkpoints means the run
-    kind = kind_of(p)
-    if kind == "checkpoint":
+    if is_checkpoint_dir(p):
         run_dir = p.parent.parent
-        if not is_run_config(_read_json(run_dir / "config.json")):
+        if not is_run_config(read_json(run_dir / "config.json")):
             raise LoadError(f"{p} is a checkpoint but {run_dir}/config.json is missing")
         return run_dir, p
-    if kind == "run":
+    if is_run_config(read_json(p / "config.json")):
         steps = checkpoint_steps(p)
         if not steps:
             raise LoadError(f"{p} is a training run without checkpoints (none saved yet)")
         return p, p / CHECKPOINTS / str(steps[-1])
     if not p.exists():
         raise LoadError(f"{p} does not exist")
-    if kind in ("hf", "fp8"):
+    if "model_type" in (read_json(p / "config.json") or {}):
         raise LoadError(f"{p} is a model checkpoint, not a training run or run checkpoint")
     raise LoadError(
         f"{p} is neither a training run (OUT with config.json and checkpoints/) nor a "
@@ -237,94 +216,15 @@ def load_run(
 
     Returns:
       ``(model, config)``: a :class:`LlamaModel` with the checkpoint's params (FP8 weights
-      bit-for-bit as trained) and the run's :class:`~falqon_jax.train_config.TrainConfig`.
+      bit-for-bit as trained) and the run's :class:`~falqon_jax.train.config.TrainConfig`.
 
     Raises:
       LoadError: a path that is neither, a run without checkpoints, a model that no longer
         exists, or a checkpoint that does not match the run's settings.
     """
-    if dtype is not None and dtype not in _DTYPES:
-        raise LoadError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise LoadError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     run_dir, step_dir = resolve_checkpoint(path)
     config = read_run_config(run_dir)
     module = run_module(config, dtype)
     return LlamaModel(module, restore_params(step_dir, module)), config
-
-
-# --------------------------------------------------------------------------------------
-# Any source.
-
-
-@dataclasses.dataclass
-class Loaded:
-    """A model plus where it came from.
-
-    ``kind``: as :func:`kind_of`; ``tokenizer_dir``: a directory with Hugging Face
-    tokenizer files for it, if known; ``run_config``: the run's settings (runs only).
-    """
-
-    model: LlamaModel
-    kind: str
-    tokenizer_dir: Path | None = None
-    run_config: Any = None
-
-    @property
-    def demo(self) -> bool:
-        """Whether the model was trained on the built-in demo data (character tokenizer)."""
-        return self.run_config is not None and getattr(self.run_config, "is_demo", False)
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model",
-                                                     "tokenizer_config.json"))
-
-
-def load_any(
-    source: str | os.PathLike[str],
-    *,
-    method: str = "full",
-    rank: int = 64,
-    alpha: float = 16.0,
-    dtype: str | None = None,
-    seed: int = 0,
-    init: str | None = None,
-) -> Loaded:
-    """Load ``source``: a run, a run checkpoint, an FP8 export, a Hugging Face directory or
-    a model card.
-
-    ``method``/``rank``/``alpha`` convert a Hugging Face directory or card (see
-    :func:`falqon_jax.loading.load_model`); runs and FP8 exports bring their own. ``dtype``
-    defaults to the run's, else ``"bfloat16"``. ``init="random"`` is needed for a card.
-    Raises :class:`LoadError` with a one-line message for anything unusable.
-    """
-    if dtype is not None and dtype not in _DTYPES:
-        raise LoadError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    kind = kind_of(source)
-    path = Path(source)
-    if kind in ("run", "checkpoint"):
-        model, config = load_run(path, dtype=dtype)
-        tok = config.tokenizer or (config.model if Path(config.model).is_dir() else None)
-        tok_dir = Path(tok) if tok is not None and _has_tokenizer(Path(tok)) else None
-        return Loaded(model, kind, tok_dir, config)
-    if kind == "missing":
-        raise LoadError(f"{source} does not exist")
-    if kind == "unknown":
-        raise LoadError(
-            f"{source} is not a training run, run checkpoint, Hugging Face checkpoint or "
-            "FP8 export"
-        )
-    try:
-        if kind == "fp8":
-            from falqon_jax.export import load_fp8_export
-
-            model = load_fp8_export(path, dtype=dtype or "bfloat16", seed=seed)
-        else:
-            from falqon_jax.loading import load_model
-
-            model = load_model(source, method=method, rank=rank, alpha=alpha,
-                               dtype=dtype or "bfloat16", init=init, seed=seed)
-    except (ValueError, OSError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoadError(message) from None
-    tok_dir = path if kind in ("hf", "fp8") and _has_tokenizer(path) else None
-    return Loaded(model, kind, tok_dir)

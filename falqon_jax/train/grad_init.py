@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from falqon_jax import melded
-from falqon_jax.methods import Dense
+from falqon_jax.model.methods import Dense
 
 
 def gradient_directions(grad: jax.Array, rank: int) -> jax.Array:

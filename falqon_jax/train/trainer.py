@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from falqon_jax import sharding
 from falqon_jax.optax import falqon_update
-from falqon_jax.train_config import TrainConfig
+from falqon_jax.train.config import TrainConfig
 
 
 def partition(params: Any, mask: Any) -> tuple[Any, Any]:

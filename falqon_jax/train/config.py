@@ -43,7 +43,7 @@ class TrainConfig:
     rounding: str = "nearest"
     init_a: str = "svd"
     a_scale: str = "lora"
-    a_gain: float = 3.0  # = falqon_jax.methods.DEFAULT_A_GAIN
+    a_gain: float = 3.0  # = falqon_jax.model.methods.DEFAULT_A_GAIN
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     lr: float = 2e-3
     schedule: str = "constant"

@@ -1,8 +1,9 @@
-"""``python -m falqon_jax.train``: fine-tune a LLaMA with FALQON or a baseline.
+"""One training run: :func:`finetune` (the Python API) and :func:`main` (``python -m
+falqon_jax.train``), which fine-tune a LLaMA with FALQON or a baseline.
 
-With no arguments it runs the built-in demo on the CPU. ``--help`` lists the flags; see
-:mod:`falqon_jax.train_config` for defaults and recipes. ``--tokenizer char`` selects the
-demo's character tokenizer (:class:`falqon_jax.demo_data.CharTokenizer`) for any data.
+With no arguments the command runs the built-in demo on the CPU. ``--help`` lists the flags; see
+:mod:`falqon_jax.train.config` for defaults and recipes. ``--tokenizer char`` selects the
+demo's character tokenizer (:class:`falqon_jax.train.demo_data.CharTokenizer`) for any data.
 Mistakes in the input (flags, data, checkpoints, output directory) end with one line on
 stderr and exit code 2; a non-finite loss stops the run with exit code 3, keeping the last
 good checkpoint; Ctrl-C saves a checkpoint and exits with 130.
@@ -24,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from falqon_jax.data import DataError
-from falqon_jax.train_config import ConfigError, TrainConfig, resolve
+from falqon_jax.train.config import ConfigError, TrainConfig, resolve, validate
+from falqon_jax.train.data import DataError
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -34,13 +35,49 @@ class UserError(ValueError):
     """A mistake the user can fix; reported as one line without a traceback."""
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: ``exit_code`` 0 (finished), 3 (non-finite loss) or 130 (interrupted),
+    the last step reached and the last held-out loss (``None`` without held-out data or
+    when no evaluation ran)."""
+
+    exit_code: int
+    step: int
+    eval_loss: float | None
+    out: Path
+
+
+def finetune(config: TrainConfig, *, resume: bool = False) -> RunResult:
+    """Fine-tune with ``config`` in this process, exactly as ``python -m falqon_jax.train``
+    with the same settings: writes ``config.out`` (``config.json``, ``metrics.jsonl``,
+    checkpoints), shows progress on stderr and prints the closing metrics.
+
+    ``resume`` continues from the latest checkpoint in ``config.out``. Raises
+    :class:`~falqon_jax.train.config.ConfigError`, :class:`~falqon_jax.train.data.DataError`
+    or :class:`UserError` (one-line messages) for invalid settings, data, model or output
+    directory; nothing is written before those checks pass.
+    """
+    validate(config)
+    # Every process checks --out before joining: nothing is written before all have joined.
+    check_out_dir(config, resume)
+    init_distributed(config)
+    import jax
+
+    if jax.process_index() == 0:
+        return _run(config, resume)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return _run(config, resume)  # other hosts of a multi-host job: errors only
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m falqon_jax.train [flags]``; returns the exit status (2 for a user mistake,
+    reported as one line on stderr)."""
     try:
         config, resume = resolve(argv)
         args = sys.argv[1:] if argv is None else argv
         if not resume and not any(a == "--out" or a.startswith("--out=") for a in args):
             config = dataclasses.replace(config, out=_fresh_out(config.out))
-        return run(config, resume)
+        return finetune(config, resume=resume).exit_code
     except (ConfigError, DataError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -49,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fresh_out(default: str) -> str:
     """``default``, or ``default-2``, ``-3``, ... if it already holds a run: running the demo
     (or a recipe) twice without ``--out`` starts a new run instead of refusing."""
-    from falqon_jax.checkpoints import has_checkpoints
+    from falqon_jax.train.checkpoints import has_checkpoints
 
     candidate, n = Path(default), 1
     while (candidate / "config.json").exists() or has_checkpoints(candidate):
@@ -76,7 +113,7 @@ class Prepared:
 
 def check_out_dir(config: TrainConfig, resume: bool) -> None:
     """Refuse to mix runs: nothing in ``--out`` is ever overwritten by a different run."""
-    from falqon_jax.checkpoints import has_checkpoints
+    from falqon_jax.train.checkpoints import has_checkpoints
 
     out = Path(config.out)
     saved = out / "config.json"
@@ -112,7 +149,7 @@ def uses_char_tokenizer(config: TrainConfig) -> bool:
 
 def load_tokenizer(config: TrainConfig) -> Any:
     if uses_char_tokenizer(config):
-        from falqon_jax.demo_data import CharTokenizer
+        from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
     source = config.tokenizer or (config.model if Path(config.model).is_dir() else None)
@@ -130,8 +167,8 @@ def load_tokenizer(config: TrainConfig) -> Any:
 
 
 def load(config: TrainConfig) -> Any:
-    from falqon_jax import load_model
-    from falqon_jax.methods import linear_method
+    from falqon_jax.model.loading import load_model
+    from falqon_jax.model.methods import linear_method
 
     method = linear_method(config)
     try:
@@ -169,7 +206,7 @@ def check_model_limits(config: TrainConfig, model: Any, tokenizer: Any) -> None:
 
 def check_model_source(config: TrainConfig) -> None:
     """Fail fast on an unknown card or a directory that is not a LLaMA checkpoint."""
-    from falqon_jax.config import LlamaConfig, load_card
+    from falqon_jax.model.config import LlamaConfig, load_card
 
     path = Path(config.model)
     try:
@@ -184,12 +221,12 @@ def check_model_source(config: TrainConfig) -> None:
 
 
 def prepare(config: TrainConfig) -> Prepared:
-    from falqon_jax import data
+    from falqon_jax.train import data
 
     check_model_source(config)
 
     if config.is_demo:
-        from falqon_jax.demo_data import make_examples
+        from falqon_jax.train.demo_data import make_examples
 
         train_ex, held_ex = make_examples()
     else:
@@ -239,7 +276,7 @@ def length_buckets(config: TrainConfig) -> tuple[int, int]:
 
 def evaluate(trainer, params, held_out, config: TrainConfig, pad_id: int,
              place) -> float | None:
-    from falqon_jax.data import collate
+    from falqon_jax.train.data import collate
 
     if not held_out:
         return None
@@ -268,7 +305,7 @@ def build_mesh(config: TrainConfig) -> Any:
 
 def _empty_like(example):
     """A one-token example that carries no loss (fills an incomplete eval batch)."""
-    from falqon_jax.data import Tokenized
+    from falqon_jax.train.data import Tokenized
 
     return Tokenized(example.tokens[:1], np.zeros(1, np.float32), False)
 
@@ -285,28 +322,16 @@ def init_distributed(config: TrainConfig) -> None:
         jax.distributed.initialize()
 
 
-def run(config: TrainConfig, resume: bool) -> int:
-    # Every process checks --out before joining: nothing is written before all have joined.
-    check_out_dir(config, resume)
-    init_distributed(config)
-    import jax
-
-    if jax.process_index() == 0:
-        return _run(config, resume)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        return _run(config, resume)  # other hosts of a multi-host job: errors only
-
-
-def _run(config: TrainConfig, resume: bool) -> int:
+def _run(config: TrainConfig, resume: bool) -> RunResult:
     mesh = build_mesh(config)
     prep = prepare(config)
     import jax
     from tqdm import tqdm
 
     from falqon_jax import sharding
-    from falqon_jax.checkpoints import CheckpointStore
-    from falqon_jax.data import batch_stream
-    from falqon_jax.trainer import Trainer
+    from falqon_jax.train.checkpoints import CheckpointStore
+    from falqon_jax.train.data import batch_stream
+    from falqon_jax.train.trainer import Trainer
 
     model, tok = prep.model, prep.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -373,7 +398,7 @@ def _run(config: TrainConfig, resume: bool) -> int:
                 print(f"error: non-finite loss ({loss}) at step {step + 1}; stopped. The last "
                       f"good checkpoint is in {store.directory} (lower --lr or check the data)",
                       file=sys.stderr)
-                return EXIT_DIVERGED
+                return RunResult(EXIT_DIVERGED, step, last_eval, out)
             state, step = new_state, step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -403,7 +428,7 @@ def _run(config: TrainConfig, resume: bool) -> int:
         else:
             print(f"\ninterrupted mid-step; the last checkpoint in {store.directory} is intact",
                   file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return RunResult(EXIT_INTERRUPTED, step, last_eval, out)
     finally:
         stop.restore()
         log.close()
@@ -411,7 +436,7 @@ def _run(config: TrainConfig, resume: bool) -> int:
     bar.close()
     model.params = state.params
     report_samples(prep, model, last_eval, mesh)
-    return 0
+    return RunResult(0, step, last_eval, out)
 
 
 GRAD_INIT_BATCHES = 4
@@ -420,12 +445,14 @@ GRAD_INIT_BATCHES = 4
 def gradient_aligned_params(config: TrainConfig, prep: Prepared, pad_id: int) -> Any:
     """``--init-a grad``: the FALQON params with every ``A`` set to the top right singular
     vectors of the dense weight's loss gradient over the first ``GRAD_INIT_BATCHES``
-    training batches (:mod:`falqon_jax.grad_init`)."""
+    training batches (:mod:`falqon_jax.train.grad_init`)."""
     import jax.numpy as jnp
 
-    from falqon_jax import grad_init, load_model, melded
-    from falqon_jax.data import batch_stream
-    from falqon_jax.trainer import token_loss_sum
+    from falqon_jax import melded
+    from falqon_jax.model.loading import load_model
+    from falqon_jax.train import grad_init
+    from falqon_jax.train.data import batch_stream
+    from falqon_jax.train.trainer import token_loss_sum
 
     try:
         dense = load_model(config.model, method="full", dtype=config.dtype,
@@ -482,7 +509,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def report_samples(prep: Prepared, model: Any, eval_loss: float | None,
                    mesh: Any = None) -> None:
     """Print the final held-out metrics and a sample generation."""
-    from falqon_jax.generation import generate
+    from falqon_jax.model.generation import generate
 
     config, tok = prep.config, prep.tokenizer
     if eval_loss is not None:
@@ -508,7 +535,3 @@ def report_samples(prep: Prepared, model: Any, eval_loss: float | None,
         print(f"held-out exact match: {exact:.0%} of {len(cases)} prompts (greedy)")
     prompt_text = "".join(s.text for s in cases[0] if not s.trained)
     print(f"sample: {prompt_text!r} -> {texts[0]!r}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

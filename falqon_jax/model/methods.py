@@ -10,8 +10,8 @@ into a params pytree and runs it:
 
 Built in: ``full`` (a dense weight, trained), ``frozen`` (a dense weight, not trained; used
 for layers a method does not target) and ``falqon`` (:mod:`falqon_jax.melded`). ``lora``,
-``fp8_lora`` and ``qlora`` live in their own modules (``falqon_jax.lora`` ...), imported on
-first use. Such a module provides ``init``, ``apply``, ``trainable`` and optionally
+``fp8_lora`` and ``qlora`` live in their own modules (``falqon_jax.baselines.lora`` ...),
+imported on first use. Such a module provides ``init``, ``apply``, ``trainable`` and optionally
 ``check``; FP8 methods without a ``check`` use :func:`falqon_jax.melded.check_convertible`.
 """
 
@@ -165,7 +165,7 @@ class _FalqonImpl:
         norm = None
         if self.a_scale == "lora":
             norm = self.a_gain * melded.lora_row_norm(w.shape[1], rank, alpha)
-        # "grad": A comes from training gradients (falqon_jax.grad_init.realign, after
+        # "grad": A comes from training gradients (falqon_jax.train.grad_init.realign, after
         # loading); until then a cheap random placeholder of the same structure.
         a_init = "random" if self.a_init == "grad" else self.a_init
         return melded.init(w, rank, key=key, init=a_init, a_row_norm=norm,
@@ -238,14 +238,14 @@ def falqon_method(
     return name
 
 
-register(Method("lora", "falqon_jax.lora"))
-register(Method("fp8_lora", "falqon_jax.fp8_lora", fp8=True))
-register(Method("qlora", "falqon_jax.qlora"))
+register(Method("lora", "falqon_jax.baselines.lora"))
+register(Method("fp8_lora", "falqon_jax.baselines.fp8_lora", fp8=True))
+register(Method("qlora", "falqon_jax.baselines.qlora"))
 
 
 def linear_method(config: Any) -> str:
     """The registry name a training config's ``method`` means (a
-    :class:`~falqon_jax.train_config.TrainConfig`: FALQON's ``rule``, ``init_a`` and
+    :class:`~falqon_jax.train.config.TrainConfig`: FALQON's ``rule``, ``init_a`` and
     ``a_scale`` pick the melded layers' variant)."""
     if config.method != "falqon":
         return config.method

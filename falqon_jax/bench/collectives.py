@@ -3,7 +3,7 @@
 :func:`step_collectives` lowers and compiles the real train step (:class:`Trainer`) of a
 model card over a device mesh from abstract shapes -- no weights are allocated, so
 ``llama-7b`` works on a laptop -- and counts the collectives per loop body with
-:func:`falqon_jax.hlo.collectives`. The decoder layers are one ``nn.scan`` loop in the
+:func:`falqon_jax.bench.hlo.collectives`. The decoder layers are one ``nn.scan`` loop in the
 forward and one in the backward, so those bodies' counts are the per-layer collectives.
 
 Two programs are read:
@@ -27,12 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from falqon_jax import hlo, sharding
-from falqon_jax.config import load_card
-from falqon_jax.llama import Llama, abstract_params, plan_linears, trainable_mask
-from falqon_jax.methods import linear_method
-from falqon_jax.train_config import PAPER, TrainConfig
-from falqon_jax.trainer import Trainer
+from falqon_jax import sharding
+from falqon_jax.bench import hlo
+from falqon_jax.model.config import load_card
+from falqon_jax.model.llama import Llama, abstract_params, plan_linears, trainable_mask
+from falqon_jax.model.methods import linear_method
+from falqon_jax.train.config import PAPER, TrainConfig
+from falqon_jax.train.trainer import Trainer
 
 DUMP_ENV = "FALQON_HLO_DUMP"
 

@@ -1,7 +1,7 @@
 """The LLaMA decoder in Flax (linen), with pluggable linear-layer methods and a KV cache.
 
 Parameter tree (``L`` = number of layers; linear entries are method pytrees, e.g.
-:class:`falqon_jax.methods.Dense` or :class:`falqon_jax.melded.MeldedLinear`, whose leaves
+:class:`falqon_jax.model.methods.Dense` or :class:`falqon_jax.melded.MeldedLinear`, whose leaves
 carry a leading ``L`` axis inside ``layers``)::
 
     embed_tokens                      (vocab, hidden)       compute dtype
@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from falqon_jax import methods, sharding
-from falqon_jax.config import LlamaConfig
+from falqon_jax import sharding
+from falqon_jax.model import methods
+from falqon_jax.model.config import LlamaConfig
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # default linear targets
 ALL_TARGETS = TARGETS + ("lm_head",)
@@ -74,7 +75,7 @@ class LinearPlan:
     train_base: bool = True
 
     def method(self, target: str) -> methods.Method:
-        """The :class:`~falqon_jax.methods.Method` used by ``target``."""
+        """The :class:`~falqon_jax.model.methods.Method` used by ``target``."""
         return methods.get(getattr(self, target))
 
 

@@ -20,7 +20,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from falqon_jax import sharding
-from falqon_jax.llama import KVCache, Llama
+from falqon_jax.model.llama import KVCache, Llama
 
 
 def sample_logits(
@@ -144,7 +144,7 @@ def generate(
 
     Args:
       module, params: the model (e.g. ``model.module`` and ``model.params`` of a
-        :class:`~falqon_jax.llama.LlamaModel`).
+        :class:`~falqon_jax.model.llama.LlamaModel`).
       prompts: one list of int token ids per row (each non-empty; include BOS yourself).
       max_new_tokens: tokens to generate per row (at most).
       temperature: 0 for greedy decoding, else the softmax temperature.

@@ -1,0 +1,450 @@
+"""The benchmarked train steps: settings, methods, one step per (method, shape) as
+abstract inputs, and the analytic model FLOPs of each step."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from falqon_jax.model import methods
+from falqon_jax.model.config import LlamaConfig, load_card
+from falqon_jax.model.llama import (
+    Llama,
+    abstract_params,
+    linear_shapes,
+    plan_linears,
+    trainable_mask,
+)
+from falqon_jax.optax import falqon_update
+
+# FALQON's update rules as bench methods: name -> falqon_update settings. "falqon" is the
+# default rule (a live b); the others are the paper's rule, the authors' code, ...
+FALQON_RULES: dict[str, dict[str, str]] = {
+    "falqon": {"rule": "visible"},
+    "falqon_paper": {"rule": "paper"},
+    "falqon_reference": {"rule": "reference"},
+    "falqon_visible_merge": {"rule": "visible_merge"},
+    "falqon_paper_stochastic": {"rule": "paper", "rounding": "stochastic"},
+    "falqon_paper_feedback": {"rule": "paper", "rounding": "feedback"},
+}
+METHOD_NAMES = (*FALQON_RULES, "lora", "fp8_lora", "qlora", "full")
+DEFAULT_METHODS = ("falqon", "falqon_paper", "lora", "fp8_lora", "qlora", "full")
+
+
+def _live_b(method: str) -> bool:
+    """Whether a FALQON bench method or registry name adds ``(A x) b^T`` in the forward."""
+    return bool(methods.get(registry_name(method)).source.b_in_forward)
+
+
+def registry_name(method: str) -> str:
+    """The :mod:`falqon_jax.model.methods` name of a bench method (FALQON rules need layers with
+    or without a live ``b``)."""
+    if method not in FALQON_RULES:
+        return method
+    from falqon_jax.optax import rule_uses_live_b
+
+    return methods.falqon_method(b_in_forward=rule_uses_live_b(FALQON_RULES[method]["rule"]))
+
+class BenchError(ValueError):
+    """A bad flag or an impossible configuration: reported in one line, exit status 2."""
+
+
+
+# --------------------------------------------------------------------------------------
+# Settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Default sizes: LLaMA-7B shapes, or ``--small`` ones that run on a CPU in seconds."""
+
+    shapes: tuple[tuple[int, int], ...]
+    tokens: int
+    rank: int
+    model_card: str | None
+    model_layers: int
+    batch: int
+    seq: int
+
+
+FULL_PRESET = Preset(((4096, 4096), (11008, 4096)), 8192, 64, "llama-7b", 2, 4, 2048)
+SMALL_PRESET = Preset(((256, 256),), 512, 16, "tiny", 2, 2, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything one benchmark run needs (flags merged with the preset).
+
+    ``shapes`` are linear-layer weight shapes ``(out, in)``; ``model_card`` is ``None``
+    when no model rows are wanted; ``model_layers`` 0 keeps the card's layer count.
+    """
+
+    methods: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]
+    tokens: int
+    rank: int
+    model_card: str | None
+    model_layers: int
+    batch: int
+    seq: int
+    top_k: int
+    remat: bool
+    seed: int
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``"falqon,lora"`` -> ``("falqon", "lora")``; ``BenchError`` for unknown names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise BenchError("--methods is empty; choose from " + ", ".join(METHOD_NAMES))
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown:
+        raise BenchError(
+            f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(METHOD_NAMES)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """``"4096x4096,11008x4096"`` -> ``((4096, 4096), (11008, 4096))`` (``OUTxIN``).
+
+    ``"none"`` (or an empty string) gives no shapes. ``BenchError`` for anything else.
+    """
+    if text.strip().lower() in ("", "none"):
+        return ()
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise BenchError(
+                f"bad shape {item.strip()!r} in --shapes: expected OUTxIN with positive "
+                "integers, e.g. 11008x4096"
+            )
+        shapes.append((int(parts[0]), int(parts[1])))
+    return tuple(dict.fromkeys(shapes))
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Merge parsed flags with the preset and check them; ``BenchError`` if invalid."""
+    preset = SMALL_PRESET if args.small else FULL_PRESET
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    card = pick(args.model_card, preset.model_card)
+    if card is not None and card.strip().lower() == "none":
+        card = None
+    settings = Settings(
+        methods=parse_methods(args.methods),
+        shapes=preset.shapes if args.shapes is None else parse_shapes(args.shapes),
+        tokens=pick(args.tokens, preset.tokens),
+        rank=pick(args.rank, preset.rank),
+        model_card=card,
+        model_layers=pick(args.model_layers, preset.model_layers),
+        batch=pick(args.batch, preset.batch),
+        seq=pick(args.seq, preset.seq),
+        top_k=args.top_k,
+        remat=args.remat,
+        seed=args.seed,
+    )
+    for flag, value in (("--tokens", settings.tokens), ("--rank", settings.rank),
+                        ("--batch", settings.batch), ("--seq", settings.seq),
+                        ("--top-k", settings.top_k)):
+        if value <= 0:
+            raise BenchError(f"{flag} must be a positive integer, got {value}")
+    if settings.model_layers < 0:
+        raise BenchError(f"--model-layers must be >= 0, got {settings.model_layers}")
+    if not settings.shapes and settings.model_card is None:
+        raise BenchError("nothing to benchmark: --shapes none and --model-card none")
+    for name in settings.methods:
+        method = methods.get(registry_name(name))
+        for out, in_features in settings.shapes:
+            problem = method.check(out, in_features, settings.rank)
+            if problem:
+                raise BenchError(f"{name} cannot run shape {out}x{in_features}: {problem}")
+            if name in FALQON_RULES and settings.top_k > out:
+                raise BenchError(
+                    f"--top-k {settings.top_k} exceeds out={out} of shape {out}x{in_features}"
+                )
+    if settings.model_card is not None:
+        model_config(settings)  # raises BenchError for an unknown card
+    return settings
+
+
+def model_config(settings: Settings) -> LlamaConfig:
+    """The card's :class:`LlamaConfig` with ``num_layers`` replaced by ``--model-layers``."""
+    assert settings.model_card is not None
+    try:
+        config = load_card(settings.model_card)
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    if settings.model_layers:
+        config = dataclasses.replace(config, num_layers=settings.model_layers)
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# Train steps.
+
+
+def make_optimizer() -> optax.GradientTransformation:
+    """The paper's optimizer: global-norm clipping at 3.0, then AdamW (lr 2e-3, beta2 0.999,
+    no weight decay). Applied to the trainable leaves only."""
+    return optax.chain(
+        optax.clip_by_global_norm(3.0),
+        optax.adamw(2e-3, b1=0.9, b2=0.999, weight_decay=0.0),
+    )
+
+
+def _is_none(node: object) -> bool:
+    return node is None
+
+
+def partition(params: Any, mask: Any) -> tuple[Any, Any]:
+    """Split ``params`` by a bool ``mask`` into ``(trainable, frozen)``; gaps are ``None``."""
+    trainable = jax.tree.map(lambda m, p: p if m else None, mask, params)
+    frozen = jax.tree.map(lambda m, p: None if m else p, mask, params)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of :func:`partition`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_none)
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates`` leaf by leaf, skipping ``None`` updates, keeping each dtype.
+
+    FALQON's ``w8`` update is a :class:`falqon_jax.optax.RowMerge` (a k-row scatter).
+    """
+    return jax.tree.map(
+        lambda p, u: p if u is None else jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
+        params,
+        updates,
+        is_leaf=_is_none,
+    )
+
+
+@dataclasses.dataclass
+class Case:
+    """One (method, shape) benchmark: a step function and its abstract inputs.
+
+    ``step(params, opt_state, merge_state, *inputs)`` returns the new
+    ``(params, opt_state, merge_state)`` followed by its outputs; the first three arguments
+    are donated. ``state`` holds the three abstract (``ShapeDtypeStruct``) trees,
+    ``inputs`` the abstract per-step inputs, ``tokens`` the tokens per step and
+    ``model_flops`` the GEMM FLOPs of one step (see :func:`linear_flops`).
+    """
+
+    method: str
+    kind: str
+    shape: str
+    step: Callable[..., Any]
+    state: tuple[Any, Any, Any]
+    inputs: tuple[jax.ShapeDtypeStruct, ...]
+    tokens: int
+    model_flops: float
+    extra: dict[str, Any]
+
+
+def _abstract_opt_states(
+    params: Any, mask: Any, method: str, top_k: int
+) -> tuple[optax.GradientTransformation, Any, optax.GradientTransformation | None, Any]:
+    optimizer = make_optimizer()
+    trainable, _ = partition(params, mask)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    merge = falqon_update(top_k, **FALQON_RULES[method]) if method in FALQON_RULES else None
+    merge_state = jax.eval_shape(merge.init, params) if merge is not None else ()
+    return optimizer, opt_state, merge, merge_state
+
+
+def _finish_step(
+    optimizer: optax.GradientTransformation,
+    merge: optax.GradientTransformation | None,
+    params: Any,
+    trainable: Any,
+    grads: Any,
+    opt_state: Any,
+    merge_state: Any,
+) -> tuple[Any, Any, Any]:
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    if merge is not None:  # b's update -> top-k row merges into the FP8 weights
+        updates, merge_state = merge.update(updates, merge_state, params)
+    return apply_updates(params, updates), opt_state, merge_state
+
+
+def linear_case(method: str, out: int, in_features: int, settings: Settings) -> Case:
+    """The train step of one ``(out, in)`` linear layer under ``method`` (see module doc)."""
+    impl = methods.get(registry_name(method))
+    tokens, rank = settings.tokens, settings.rank
+    w = jax.ShapeDtypeStruct((out, in_features), jnp.float32)
+    params = jax.eval_shape(
+        lambda w: impl.init(w, rank, alpha=16.0, key=jax.random.key(0), dtype=jnp.bfloat16), w
+    )
+    mask = impl.trainable(params)
+    optimizer, opt_state, merge, merge_state = _abstract_opt_states(
+        params, mask, method, settings.top_k
+    )
+
+    def step(params: Any, opt_state: Any, merge_state: Any, x: jax.Array, g: jax.Array):
+        trainable, frozen = partition(params, mask)
+        y, vjp = jax.vjp(lambda t, x: impl.apply(combine(t, frozen), x), trainable, x)
+        grads, dx = vjp(g)
+        params, opt_state, merge_state = _finish_step(
+            optimizer, merge, params, trainable, grads, opt_state, merge_state
+        )
+        return params, opt_state, merge_state, y, dx
+
+    inputs = (
+        jax.ShapeDtypeStruct((tokens, in_features), jnp.bfloat16),
+        jax.ShapeDtypeStruct((tokens, out), jnp.bfloat16),
+    )
+    return Case(
+        method=method,
+        kind="linear",
+        shape=f"{out}x{in_features}",
+        step=step,
+        state=(params, opt_state, merge_state),
+        inputs=inputs,
+        tokens=tokens,
+        model_flops=linear_flops(method, out, in_features, tokens, rank),
+        extra={"rank": rank},
+    )
+
+
+def model_case(method: str, settings: Settings) -> Case:
+    """The train step of a LLaMA decoder stack under ``method`` (see module doc)."""
+    config = model_config(settings)
+    plan = plan_linears(config, registry_name(method), rank=settings.rank)
+    module = Llama(config, plan, jnp.bfloat16, remat=settings.remat)
+    params = abstract_params(module)
+    mask = trainable_mask(params, plan)
+    optimizer, opt_state, merge, merge_state = _abstract_opt_states(
+        params, mask, method, settings.top_k
+    )
+
+    def loss_fn(trainable: Any, frozen: Any, tokens: jax.Array) -> jax.Array:
+        logits = module.apply({"params": combine(trainable, frozen)}, tokens)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return -jnp.mean(picked)
+
+    def step(params: Any, opt_state: Any, merge_state: Any, tokens: jax.Array):
+        trainable, frozen = partition(params, mask)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
+        params, opt_state, merge_state = _finish_step(
+            optimizer, merge, params, trainable, grads, opt_state, merge_state
+        )
+        return params, opt_state, merge_state, loss
+
+    batch, seq = settings.batch, settings.seq
+    layers = config.num_layers
+    return Case(
+        method=method,
+        kind="model",
+        shape=f"{settings.model_card}:{layers}L",
+        step=step,
+        state=(params, opt_state, merge_state),
+        inputs=(jax.ShapeDtypeStruct((batch, seq), jnp.int32),),
+        tokens=batch * seq,
+        model_flops=model_flops(method, config, plan, batch, seq, settings.rank),
+        extra={
+            "rank": settings.rank,
+            "batch": batch,
+            "seq": seq,
+            "layers": layers,
+            "remat": settings.remat,
+            "converted": [t for t in linear_shapes(config)
+                          if getattr(plan, t) == registry_name(method)],
+        },
+    )
+
+
+def cases(settings: Settings) -> list[Case]:
+    """All (method, shape) cases: linear shapes first, then the model, per method."""
+    result = []
+    for out, in_features in settings.shapes:
+        for method in settings.methods:
+            result.append(linear_case(method, out, in_features, settings))
+    if settings.model_card is not None:
+        for method in settings.methods:
+            result.append(model_case(method, settings))
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Model FLOPs.
+
+
+def linear_flops(method: str, out: int, in_features: int, tokens: int, rank: int) -> float:
+    """GEMM FLOPs of one train step of an ``(out, in)`` layer over ``tokens`` tokens.
+
+    ``full``: forward, ``dL/dx`` and ``dL/dW`` (``6 T out in``). ``frozen``: forward and
+    ``dL/dx`` (``4 T out in``). LoRA-style methods (``lora``, ``fp8_lora``, ``qlora``) add
+    the six rank-``r`` adapter GEMMs, ``6 T r (in + out)``. ``falqon`` runs the forward on
+    ``out + r`` rows, ``dL/dx`` on ``out`` rows and ``dL/db`` (``2 T out r``):
+    ``4 T out in + 2 T r (in + out)``. A live ``b`` (``falqon``, ``falqon_visible_merge``)
+    adds ``(A x) b^T`` forward and ``g b``, ``(g b) A`` backward: ``2 T r (2 out + in)``.
+    The top-k merge (``k r in``) is ignored.
+    """
+    t, o, i, r = float(tokens), float(out), float(in_features), float(rank)
+    if method == "full":
+        return 6 * t * o * i
+    if method == "frozen":
+        return 4 * t * o * i
+    if method.startswith("falqon"):  # a bench method or a FALQON registry name
+        live = 2 * t * r * (2 * o + i) if _live_b(method) else 0.0
+        return 4 * t * o * i + 2 * t * r * (i + o) + live
+    if method in ("lora", "fp8_lora", "qlora"):
+        return 4 * t * o * i + 6 * t * r * (i + o)
+    raise ValueError(f"no FLOP model for method {method!r}")
+
+
+def model_flops(
+    method: str, config: LlamaConfig, plan: Any, batch: int, seq: int, rank: int
+) -> float:
+    """GEMM FLOPs of one train step of the decoder stack (no recomputation counted).
+
+    Every linear layer as in :func:`linear_flops` (with its planned method), plus the
+    attention score and value GEMMs, ``4 T seq hidden`` forward and twice that backward
+    per layer (the full ``seq x seq`` product: the implementation does not skip the
+    causally masked half). ``lm_head`` is ``frozen`` unless the method is ``full``.
+    """
+    tokens = batch * seq
+    shapes = linear_shapes(config)
+    per_layer = 0.0
+    for target, (out, in_features) in shapes.items():
+        if target == "lm_head":
+            continue
+        per_layer += linear_flops(getattr(plan, target), out, in_features, tokens, rank)
+    attn_width = config.num_heads * config.head_dim
+    per_layer += 12.0 * tokens * seq * attn_width
+    head_method = "full" if method == "full" else "frozen"
+    out, in_features = shapes["lm_head"]
+    head = linear_flops(head_method, out, in_features, tokens, rank)
+    return config.num_layers * per_layer + head
+
+
+
+# --------------------------------------------------------------------------------------
+# Rows.
+
+
+def base_row(case: Case, env: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "method": case.method,
+        "kind": case.kind,
+        "shape": case.shape,
+        "tokens": case.tokens,
+        **case.extra,
+        "model_flops": case.model_flops,
+        **env,
+    }
+
+

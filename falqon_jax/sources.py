@@ -1,0 +1,123 @@
+"""Load a model for inference from wherever it lives: a training run, one of its
+checkpoints, a Hugging Face checkpoint, an FP8 export, or a model card.
+
+:func:`kind_of` tells what a path holds and :func:`load_any` picks the loader for it (for
+the ``generate`` and ``export`` command-line tools): :func:`falqon_jax.train.runs.load_run`
+for runs, :func:`falqon_jax.export.load_fp8_export` for FP8 exports and
+:func:`falqon_jax.load_model` for Hugging Face checkpoints and model cards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from falqon_jax.model.llama import LlamaModel
+from falqon_jax.model.loading import LoadError
+from falqon_jax.train.runs import (
+    CHECKPOINTS,
+    DTYPES,
+    is_checkpoint_dir,
+    is_run_config,
+    load_run,
+    read_json,
+)
+
+
+def kind_of(path: str | os.PathLike[str]) -> str:
+    """What ``path`` is: ``"run"``, ``"checkpoint"`` (``OUT/checkpoints/N``), ``"fp8"`` (an
+    FP8 export), ``"hf"`` (a Hugging Face checkpoint), ``"card"`` (a name that is not a
+    path) or ``"missing"``/``"unknown"``."""
+    p = Path(path)
+    if not p.exists():
+        return "missing" if os.sep in str(path) or "/" in str(path) else "card"
+    if not p.is_dir():
+        return "unknown"
+    if is_checkpoint_dir(p):
+        return "checkpoint"
+    if p.name == CHECKPOINTS and is_run_config(read_json(p.parent / "config.json")):
+        return "run"
+    config = read_json(p / "config.json")
+    if is_run_config(config):
+        return "run"
+    if config is not None and "model_type" in config:
+        quant = config.get("quantization_config") or {}
+        return "fp8" if quant.get("quant_method") == "compressed-tensors" else "hf"
+    return "unknown"
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model plus where it came from.
+
+    ``kind``: as :func:`kind_of`; ``tokenizer_dir``: a directory with Hugging Face
+    tokenizer files for it, if known; ``run_config``: the run's settings (runs only).
+    """
+
+    model: LlamaModel
+    kind: str
+    tokenizer_dir: Path | None = None
+    run_config: Any = None
+
+    @property
+    def demo(self) -> bool:
+        """Whether the model was trained on the built-in demo data (character tokenizer)."""
+        return self.run_config is not None and getattr(self.run_config, "is_demo", False)
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model",
+                                                     "tokenizer_config.json"))
+
+
+def load_any(
+    source: str | os.PathLike[str],
+    *,
+    method: str = "full",
+    rank: int = 64,
+    alpha: float = 16.0,
+    dtype: str | None = None,
+    seed: int = 0,
+    init: str | None = None,
+) -> Loaded:
+    """Load ``source``: a run, a run checkpoint, an FP8 export, a Hugging Face directory or
+    a model card.
+
+    ``method``/``rank``/``alpha`` convert a Hugging Face directory or card (see
+    :func:`falqon_jax.model.loading.load_model`); runs and FP8 exports bring their own. ``dtype``
+    defaults to the run's, else ``"bfloat16"``. ``init="random"`` is needed for a card.
+    Raises :class:`LoadError` with a one-line message for anything unusable.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise LoadError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    kind = kind_of(source)
+    path = Path(source)
+    if kind in ("run", "checkpoint"):
+        model, config = load_run(path, dtype=dtype)
+        tok = config.tokenizer or (config.model if Path(config.model).is_dir() else None)
+        tok_dir = Path(tok) if tok is not None and _has_tokenizer(Path(tok)) else None
+        return Loaded(model, kind, tok_dir, config)
+    if kind == "missing":
+        raise LoadError(f"{source} does not exist")
+    if kind == "unknown":
+        raise LoadError(
+            f"{source} is not a training run, run checkpoint, Hugging Face checkpoint or "
+            "FP8 export"
+        )
+    try:
+        if kind == "fp8":
+            from falqon_jax.export.reader import load_fp8_export
+
+            model = load_fp8_export(path, dtype=dtype or "bfloat16", seed=seed)
+        else:
+            from falqon_jax.model.loading import load_model
+
+            model = load_model(source, method=method, rank=rank, alpha=alpha,
+                               dtype=dtype or "bfloat16", init=init, seed=seed)
+    except (ValueError, OSError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(message) from None
+    tok_dir = path if kind in ("hf", "fp8") and _has_tokenizer(path) else None
+    return Loaded(model, kind, tok_dir)

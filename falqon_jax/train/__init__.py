@@ -1,0 +1,27 @@
+"""Training: ``python -m falqon_jax.train`` and its Python API, :func:`finetune`.
+
+* :mod:`~falqon_jax.train.config` -- every setting of a run (:class:`TrainConfig`),
+  defaults, recipes and flags;
+* :mod:`~falqon_jax.train.data` -- instruction data sets (Alpaca, OpenAssistant,
+  prompt/completion), tokenization, loss masks, batches;
+  :mod:`~falqon_jax.train.demo_data` -- the built-in demo's data and character tokenizer;
+* :mod:`~falqon_jax.train.trainer` -- the jitted, sharded train and eval steps;
+* :mod:`~falqon_jax.train.checkpoints` -- Orbax checkpoints of the train state;
+* :mod:`~falqon_jax.train.grad_init` -- ``--init-a grad`` (A from loss gradients);
+* :mod:`~falqon_jax.train.run` -- one run end to end (:func:`finetune`, :func:`main`);
+* :mod:`~falqon_jax.train.runs` -- reading a finished run's model back.
+
+``python -m falqon_jax.train --help`` lists the flags. In Python::
+
+    from falqon_jax.train import PAPER, finetune
+    result = finetune(dataclasses.replace(PAPER, model="path/to/hf", data="alpaca.json",
+                                          out="runs/a"))
+    print(result.eval_loss)
+"""
+
+from falqon_jax.train.config import DEMO, PAPER, ConfigError, TrainConfig
+from falqon_jax.train.data import DataError
+from falqon_jax.train.run import RunResult, UserError, finetune, main
+
+__all__ = ["DEMO", "PAPER", "ConfigError", "DataError", "RunResult", "TrainConfig", "UserError",
+           "finetune", "main"]
