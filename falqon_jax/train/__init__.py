@@ -2,8 +2,8 @@
 
 * :mod:`~falqon_jax.train.config` -- every setting of a run (:class:`TrainConfig`),
   defaults, recipes and flags;
-* :mod:`~falqon_jax.train.data` -- instruction data sets (Alpaca, OpenAssistant,
-  prompt/completion), tokenization, loss masks, batches;
+* :mod:`~falqon_jax.train.data` -- instruction data sets (Alpaca, OpenAssistant, chat
+  messages, prompt/completion), tokenization, loss masks, batches;
   :mod:`~falqon_jax.train.demo_data` -- the built-in demo's data and character tokenizer;
 * :mod:`~falqon_jax.train.trainer` -- the jitted, sharded train and eval steps;
 * :mod:`~falqon_jax.train.checkpoints` -- Orbax checkpoints of the train state;

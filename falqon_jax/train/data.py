@@ -6,11 +6,16 @@ Supported files (the format is detected from the records):
   be empty or missing), rendered with the Alpaca prompt template;
 * OpenAssistant/Guanaco-style JSONL -- one ``{"text": "### Human: ... ### Assistant: ..."}``
   per line; the loss covers the assistant turns only;
+* chat JSONL -- one ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...},
+  ...]}`` per line (the conversational format of Hugging Face's TRL), rendered with the
+  tokenizer's own chat template (:func:`render_chat`); the loss covers the assistant turns only;
 * plain JSONL -- one ``{"prompt": ..., "completion": ...}`` per line.
 
 Each example becomes ``(tokens, loss_mask)``: the prompt (source) is truncated to
-``source_len`` tokens and carries no loss, the response (target, ending in EOS) is truncated to
-``target_len`` tokens and carries the loss, as in QLoRA's and FALQON's training code.
+``source_len`` tokens and carries no loss, the response (target) is truncated to
+``target_len`` tokens and carries the loss, as in QLoRA's and FALQON's training code. Text
+formats get the tokenizer's BOS in front and EOS after each response; a chat gets exactly the
+tokens of its rendered template (which carries its own markers), nothing added.
 
 Errors in user data raise :class:`DataError` with a one-line message naming the file and line.
 """
@@ -19,8 +24,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +40,7 @@ ALPACA_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -51,12 +58,26 @@ class Segment:
 Example = list[Segment]
 
 
+@dataclass(frozen=True)
+class Chat:
+    """A conversation record: ``(role, content)`` pairs, rendered only once a tokenizer is
+    known (:func:`render_chat`). ``where`` names the record in error messages."""
+
+    messages: tuple[tuple[str, str], ...]
+    where: str = field(default="chat", compare=False)
+
+    def has_response(self) -> bool:
+        """Whether an assistant turn has text to train on."""
+        return any(role == "assistant" and content.strip() for role, content in self.messages)
+
+
 # --------------------------------------------------------------------------------------
 # Reading files.
 
 
-def read_examples(path: str | Path) -> list[Example]:
-    """Read an Alpaca JSON, Guanaco JSONL or prompt/completion JSONL file into examples."""
+def read_examples(path: str | Path) -> list[Example | Chat]:
+    """Read an Alpaca JSON, Guanaco JSONL, chat JSONL or prompt/completion JSONL file into
+    examples (a :class:`Chat` per chat record)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist; pass --data PATH to an existing file")
@@ -89,9 +110,11 @@ def read_examples(path: str | Path) -> list[Example]:
     return [_to_example(record, f"{path} {where} {n}") for n, record in numbered]
 
 
-def _to_example(record: object, where: str) -> Example:
+def _to_example(record: object, where: str) -> Example | Chat:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return _chat(record, where)
     if "instruction" in record or "output" in record:
         return _alpaca(record, where)
     if "text" in record:
@@ -101,7 +124,7 @@ def _to_example(record: object, where: str) -> Example:
         return [Segment(prompt, False), Segment(completion, True)]
     raise DataError(
         f"{where}: unknown record with keys {sorted(record)}; expected instruction/input/output "
-        "(Alpaca), text (### Human:/### Assistant:) or prompt/completion"
+        "(Alpaca), text (### Human:/### Assistant:), messages (chat) or prompt/completion"
     )
 
 
@@ -146,6 +169,84 @@ def _guanaco(record: dict, where: str) -> Example:
     return [s for s in segments if s.text]
 
 
+def _chat(record: dict, where: str) -> Chat:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of "
+                        "{\"role\": ..., \"content\": ...} objects")
+    pairs = []
+    for j, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: message {j} is {type(message).__name__}, not an object "
+                            "with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: message {j} has role {role!r}; use one of "
+                            f"{', '.join(ROLES)}")
+        if not isinstance(content, str):
+            problem = "is missing" if content is None else f"is {type(content).__name__}"
+            raise DataError(f"{where}: message {j}'s content {problem}; it must be text")
+        pairs.append((role, content))
+    if pairs[0][0] == "assistant":
+        raise DataError(f"{where}: the conversation starts with an assistant message; put the "
+                        "user (or system) message it answers before it")
+    if not any(role == "assistant" for role, _ in pairs):
+        raise DataError(f"{where}: no assistant message to train on")
+    return Chat(tuple(pairs), where)
+
+
+# --------------------------------------------------------------------------------------
+# Chat templates.
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` (a Hugging Face tokenizer) has a chat template to render with."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(chat: Chat, tokenizer: Any) -> Example:
+    """The conversation as the tokenizer's chat template renders it, cut into segments.
+
+    Each assistant turn's text -- what the template writes after the generation prompt
+    (``add_generation_prompt=True`` of the turns before it), i.e. the reply and the
+    template's end-of-turn marker, without trailing whitespace -- carries the loss; the
+    system and user turns and the template's headers do not. The segments concatenate to
+    ``apply_chat_template(messages, tokenize=False)`` exactly.
+
+    Raises :class:`DataError` if the template does not render the conversation turn by turn
+    (an earlier rendering is not a prefix of a later one), so the assistant turns cannot be
+    located.
+    """
+    messages = [{"role": role, "content": content} for role, content in chat.messages]
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    def refuse() -> DataError:
+        return DataError(f"{chat.where}: the tokenizer's chat template does not render this "
+                         "conversation turn by turn, so its assistant turns cannot be located")
+
+    segments: list[Segment] = []
+    done = ""
+    for i, (role, _) in enumerate(chat.messages):
+        if role != "assistant":
+            continue
+        prompt, full = render(i, True), render(i + 1, False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise refuse()
+        reply = full[len(prompt):]
+        body = reply.rstrip()
+        segments += [Segment(prompt[len(done):], False), Segment(body, True),
+                     Segment(reply[len(body):], False)]
+        done = full
+    whole = render(len(messages), False)
+    if not whole.startswith(done):
+        raise refuse()
+    segments.append(Segment(whole[len(done):], False))
+    return [s for s in segments if s.text]
+
+
 # --------------------------------------------------------------------------------------
 # Tokenization.
 
@@ -173,8 +274,38 @@ def tokenize_example(
 ) -> Tokenized:
     """Tokenize segments; the untrained (source) part keeps its first ``source_len`` tokens
     (BOS included) and the trained (target) part, EOS appended, its first ``target_len``."""
-    # Later untrained turns of a multi-turn chat stay in the target part, masked.
     tokens, mask = _interleave(example, encode, bos_id, eos_id)
+    return _truncate(tokens, mask, source_len, target_len)
+
+
+def tokenize_rendered(
+    example: Example, tokenizer: Any, *, source_len: int, target_len: int
+) -> Tokenized:
+    """Tokenize a rendered chat (:func:`render_chat`) as one string, so the tokens are exactly
+    those of ``apply_chat_template(messages, tokenize=True)``; no BOS or EOS is added (the
+    template carries its own markers). A token carries the loss when its first character
+    lies in a trained segment. Truncation as in :func:`tokenize_example`."""
+    text = "".join(s.text for s in example)
+    trained = np.zeros(len(text) + 1, bool)
+    start = 0
+    for segment in example:
+        trained[start:start + len(segment.text)] = segment.trained
+        start += len(segment.text)
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tokens = np.asarray(encoded["input_ids"], np.int64)
+        mask = np.asarray([trained[first] for first, _ in encoded["offset_mapping"]], np.float32)
+    else:  # no character offsets: tokenize segment by segment
+        tokens, mask = _interleave(
+            example, lambda s: tokenizer.encode(s, add_special_tokens=False), None, None)
+    return _truncate(tokens, mask, source_len, target_len)
+
+
+def _truncate(tokens: np.ndarray, mask: np.ndarray, source_len: int,
+              target_len: int) -> Tokenized:
+    """Keep the untrained prefix's first ``source_len`` tokens and the rest's first
+    ``target_len``."""
+    # Later untrained turns of a multi-turn chat stay in the target part, masked.
     first_trained = int(np.argmax(mask)) if mask.any() else len(tokens)
     src_tokens, src_mask = tokens[:first_trained], mask[:first_trained]
     tgt_tokens, tgt_mask = tokens[first_trained:], mask[first_trained:]

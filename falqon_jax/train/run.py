@@ -147,12 +147,17 @@ def uses_char_tokenizer(config: TrainConfig) -> bool:
     return config.is_demo or config.tokenizer == CHAR_TOKENIZER
 
 
+def _tokenizer_source(config: TrainConfig) -> str | None:
+    """Where the run's Hugging Face tokenizer comes from: ``--tokenizer`` or the checkpoint."""
+    return config.tokenizer or (config.model if Path(config.model).is_dir() else None)
+
+
 def load_tokenizer(config: TrainConfig) -> Any:
     if uses_char_tokenizer(config):
         from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
-    source = config.tokenizer or (config.model if Path(config.model).is_dir() else None)
+    source = _tokenizer_source(config)
     if source is None:
         raise UserError(
             f"--model {config.model} is a model card without a tokenizer: pass --tokenizer DIR"
@@ -234,6 +239,8 @@ def prepare(config: TrainConfig) -> Prepared:
                                        config.seed)
 
     def has_response(example) -> bool:
+        if isinstance(example, data.Chat):
+            return example.has_response()
         return any(s.trained and s.text.strip() for s in example)
 
     kept = [e for e in train_ex if has_response(e)]
@@ -246,6 +253,12 @@ def prepare(config: TrainConfig) -> Prepared:
         raise DataError(f"only {len(kept)} training examples for --batch-size "
                         f"{config.batch_size}; lower --batch-size or add data")
     tokenizer = load_tokenizer(config)
+    if any(isinstance(e, data.Chat) for e in kept + held_kept) \
+            and not data.has_chat_template(tokenizer):
+        raise UserError(
+            f"{config.data} holds chat records (\"messages\") but the tokenizer "
+            f"({_tokenizer_source(config)}) has no chat template; pass --tokenizer DIR with "
+            "one (a chat_template in tokenizer_config.json or chat_template.jinja)")
     model = load(config)
     check_model_limits(config, model, tokenizer)
 
@@ -253,10 +266,16 @@ def prepare(config: TrainConfig) -> Prepared:
         return tokenizer.encode(text, add_special_tokens=False) \
             if not uses_char_tokenizer(config) else tokenizer.encode(text)
 
+    lengths = {"source_len": config.source_len, "target_len": config.target_len}
+
+    def tokenize_one(item) -> data.Tokenized:
+        if isinstance(item, data.Chat):
+            return data.tokenize_rendered(data.render_chat(item, tokenizer), tokenizer, **lengths)
+        return data.tokenize_example(item, encode, bos_id=tokenizer.bos_token_id,
+                                     eos_id=tokenizer.eos_token_id, **lengths)
+
     def tokenize(items):
-        out = [data.tokenize_example(e, encode, bos_id=tokenizer.bos_token_id,
-                                     eos_id=tokenizer.eos_token_id, source_len=config.source_len,
-                                     target_len=config.target_len) for e in items]
+        out = [tokenize_one(e) for e in items]
         return out, sum(t.truncated for t in out)
 
     train, truncated = tokenize(kept)
@@ -518,13 +537,7 @@ def report_samples(prep: Prepared, model: Any, eval_loss: float | None,
         return
     cases = prep.held_out_examples[: 64 if config.is_demo else 1]
 
-    def encode(text: str) -> list[int]:
-        ids = tok.encode(text) if uses_char_tokenizer(config) \
-            else tok.encode(text, add_special_tokens=False)
-        return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
-
-    prompts = [encode("".join(s.text for s in ex if not s.trained))[: config.source_len]
-               for ex in cases]
+    prompts = [prompt_tokens(ex, tok, config)[: config.source_len] for ex in cases]
     outs = generate(model.module, model.params, prompts, config.sample_tokens,
                     eos_id=tok.eos_token_id, pad_id=0, mesh=mesh)
     texts = [tok.decode(o, skip_special_tokens=True) if not uses_char_tokenizer(config)
@@ -533,5 +546,30 @@ def report_samples(prep: Prepared, model: Any, eval_loss: float | None,
         want = ["".join(s.text for s in ex if s.trained) for ex in cases]
         exact = np.mean([t.strip() == w for t, w in zip(texts, want, strict=True)])
         print(f"held-out exact match: {exact:.0%} of {len(cases)} prompts (greedy)")
-    prompt_text = "".join(s.text for s in cases[0] if not s.trained)
-    print(f"sample: {prompt_text!r} -> {texts[0]!r}")
+    print(f"sample: {prompt_text(cases[0], tok)!r} -> {texts[0]!r}")
+
+
+def prompt_text(example: Any, tokenizer: Any) -> str:
+    """The text a sample generation starts from: a chat rendered up to its first assistant
+    reply (the template's generation prompt included), else the untrained text."""
+    from falqon_jax.train import data
+
+    if isinstance(example, data.Chat):
+        segments = data.render_chat(example, tokenizer)
+        first = next(i for i, s in enumerate(segments) if s.trained)
+        return "".join(s.text for s in segments[:first])
+    return "".join(s.text for s in example if not s.trained)
+
+
+def prompt_tokens(example: Any, tokenizer: Any, config: TrainConfig) -> list[int]:
+    """Token ids of :func:`prompt_text`, encoded as in training: a chat exactly as its
+    template renders it, other formats with the tokenizer's BOS in front."""
+    from falqon_jax.train import data
+
+    text = prompt_text(example, tokenizer)
+    ids = tokenizer.encode(text) if uses_char_tokenizer(config) \
+        else tokenizer.encode(text, add_special_tokens=False)
+    if isinstance(example, data.Chat) or tokenizer.bos_token_id is None:
+        return ids
+    return [tokenizer.bos_token_id] + ids
+
