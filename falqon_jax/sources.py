@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from falqon_jax.model.llama import LlamaModel
-from falqon_jax.model.loading import LoadError
+from falqon_jax.model.loading import DTYPES, LoadError
 from falqon_jax.train.runs import (
     CHECKPOINTS,
-    DTYPES,
     is_checkpoint_dir,
     is_run_config,
     load_run,
@@ -96,7 +95,7 @@ def load_any(
     path = Path(source)
     if kind in ("run", "checkpoint"):
         model, config = load_run(path, dtype=dtype)
-        tok = config.tokenizer or (config.model if Path(config.model).is_dir() else None)
+        tok = config.tokenizer_source
         tok_dir = Path(tok) if tok is not None and _has_tokenizer(Path(tok)) else None
         return Loaded(model, kind, tok_dir, config)
     if kind == "missing":

@@ -1,8 +1,9 @@
 """Test-session setup: one persistent XLA compilation cache for the whole session.
 
 Many tests compile the same programs (the demo's train step, in this process and in the
-subprocesses of the CLI and mesh tests); the cache compiles each once. It lives in a fresh
-temporary directory per session, so no result carries over between sessions.
+subprocesses of the CLI and mesh tests); with the cache, those that take a second or more
+to compile are compiled once per session. It lives in a fresh temporary directory per
+session, so no result carries over between sessions.
 """
 
 import os

@@ -266,8 +266,9 @@ def test_two_processes_train_like_one(tmp_path):
     join through ``--coordinator``, feed their own rows and train the demo on data=2,fsdp=4
     with the per-step losses of one process with 8 devices; only process 0 prints and logs."""
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # The settings of the demo mesh test's data=2,fsdp=4 run, so the 8-device reference
-    # below reuses its compiled programs from the session's compilation cache.
+    # The settings of the demo mesh test's data=2,fsdp=4 run: when that test ran first in
+    # this process's session, the 8-device reference below can take its compiled programs
+    # from the session's compilation cache.
     flags = ["-m", "falqon_jax.train", "--steps", "4", "--log-every", "1", "--eval-every",
              "1000", "--save-every", "1000", "--sample-tokens", "0", "--batch-size", "16",
              "--grad-accum", "2", "--method", "falqon", "--mesh", "data=2,fsdp=4"]

@@ -34,7 +34,7 @@ from falqon_jax.model.llama import (
     plan_linears,
 )
 
-_DTYPES = ("bfloat16", "float32")
+DTYPES = ("bfloat16", "float32")  # compute dtypes a model loads in
 
 
 class LoadError(ValueError):
@@ -91,8 +91,8 @@ def load_model(
     """
     if init not in (None, "random"):
         raise ValueError(f'init must be None or "random", got {init!r}')
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     source = Path(path_or_card)
     if source.is_dir():
         _refuse_quantized(source)

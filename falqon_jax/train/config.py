@@ -76,6 +76,12 @@ class TrainConfig:
     def is_demo(self) -> bool:
         return self.data == DEMO_DATA
 
+    @property
+    def tokenizer_source(self) -> str | None:
+        """Where the run's Hugging Face tokenizer comes from: ``--tokenizer``, else the
+        checkpoint directory (``None`` for a model card without ``--tokenizer``)."""
+        return self.tokenizer or (self.model if Path(self.model).is_dir() else None)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 

@@ -147,17 +147,12 @@ def uses_char_tokenizer(config: TrainConfig) -> bool:
     return config.is_demo or config.tokenizer == CHAR_TOKENIZER
 
 
-def _tokenizer_source(config: TrainConfig) -> str | None:
-    """Where the run's Hugging Face tokenizer comes from: ``--tokenizer`` or the checkpoint."""
-    return config.tokenizer or (config.model if Path(config.model).is_dir() else None)
-
-
 def load_tokenizer(config: TrainConfig) -> Any:
     if uses_char_tokenizer(config):
         from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
-    source = _tokenizer_source(config)
+    source = config.tokenizer_source
     if source is None:
         raise UserError(
             f"--model {config.model} is a model card without a tokenizer: pass --tokenizer DIR"
@@ -257,7 +252,7 @@ def prepare(config: TrainConfig) -> Prepared:
             and not data.has_chat_template(tokenizer):
         raise UserError(
             f"{config.data} holds chat records (\"messages\") but the tokenizer "
-            f"({_tokenizer_source(config)}) has no chat template; pass --tokenizer DIR with "
+            f"({config.tokenizer_source}) has no chat template; pass --tokenizer DIR with "
             "one (a chat_template in tokenizer_config.json or chat_template.jinja)")
     model = load(config)
     check_model_limits(config, model, tokenizer)

@@ -27,10 +27,9 @@ import jax.numpy as jnp
 
 from falqon_jax.model.config import LlamaConfig, load_card
 from falqon_jax.model.llama import Llama, LlamaModel, abstract_params, plan_linears
-from falqon_jax.model.loading import LoadError
+from falqon_jax.model.loading import DTYPES, LoadError
 
 CHECKPOINTS = "checkpoints"
-DTYPES = ("bfloat16", "float32")
 
 
 # --------------------------------------------------------------------------------------
@@ -189,14 +188,15 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Path]:
         if not is_run_config(read_json(run_dir / "config.json")):
             raise LoadError(f"{p} is a checkpoint but {run_dir}/config.json is missing")
         return run_dir, p
-    if is_run_config(read_json(p / "config.json")):
+    config = read_json(p / "config.json")
+    if is_run_config(config):
         steps = checkpoint_steps(p)
         if not steps:
             raise LoadError(f"{p} is a training run without checkpoints (none saved yet)")
         return p, p / CHECKPOINTS / str(steps[-1])
     if not p.exists():
         raise LoadError(f"{p} does not exist")
-    if "model_type" in (read_json(p / "config.json") or {}):
+    if "model_type" in (config or {}):
         raise LoadError(f"{p} is a model checkpoint, not a training run or run checkpoint")
     raise LoadError(
         f"{p} is neither a training run (OUT with config.json and checkpoints/) nor a "
