@@ -25,6 +25,7 @@ from typing import Any
 from falqon_jax.cli import OneLineParser
 from falqon_jax.model.loading import LoadError
 from falqon_jax.sources import Loaded
+from falqon_jax.train.data import leading_bos
 
 
 class UsageError(ValueError):
@@ -124,7 +125,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(text)
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = leading_bos(tokenizer)  # only where the tokenizer itself adds one
     return ([bos] if bos is not None else []) + list(ids)
 
 

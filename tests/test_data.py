@@ -1,5 +1,6 @@
 """Data pipeline: formats, templates, loss masks, truncation, batching, bad input."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -127,3 +128,30 @@ def test_missing_file_and_directory(tmp_path):
         data.read_examples(tmp_path / "nope.json")
     with pytest.raises(data.DataError, match="directory"):
         data.read_examples(tmp_path)
+
+
+SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (LLAMA_TOKENIZER.is_dir() and SMOLLM2.is_dir()),
+                    reason="shared tokenizers not present")
+def test_a_text_record_gets_a_bos_only_where_the_tokenizer_adds_one():
+    from transformers import AutoTokenizer
+
+    from falqon_jax.train.config import DEMO
+    from falqon_jax.train.run import prompt_tokens
+
+    smollm2 = AutoTokenizer.from_pretrained(SMOLLM2)  # names <|im_start|> as BOS, adds none
+    llama = AutoTokenizer.from_pretrained(LLAMA_TOKENIZER, add_bos_token=True)  # adds <s>
+    record = [data.Segment("Say hi.\n", False), data.Segment("hi", True)]
+    for tok in (smollm2, llama):
+        added = tok.encode("Say hi.")[:-len(tok.encode("Say hi.", add_special_tokens=False))]
+        assert data.leading_bos(tok) == (added[0] if added else None)
+        t = data.tokenize_example(record, lambda s, tok=tok: tok.encode(
+            s, add_special_tokens=False), bos_id=data.leading_bos(tok),
+            eos_id=tok.eos_token_id, source_len=16, target_len=16)
+        assert t.tokens.tolist()[:len(added) + 1] == tok.encode("Say hi.\n")[:len(added) + 1]
+        config = dataclasses.replace(DEMO, data="x.json", tokenizer="dir")
+        assert prompt_tokens(record, tok, config) == tok.encode("Say hi.\n")
+    assert data.leading_bos(smollm2) is None and data.leading_bos(llama) == 1
+    assert data.leading_bos(CharTokenizer()) == CharTokenizer.bos_token_id  # the demo's

@@ -170,7 +170,7 @@ def test_cli_text_prompt_matches_transformers(tmp_path, capsys):
     hf.save_pretrained(tmp_path / "m")
     tok = transformers.AutoTokenizer.from_pretrained(LLAMA_TOKENIZER)
     prompt = "Once upon a time"
-    ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+    ids = tok.encode(prompt)  # what the tokenizer makes of it, its own specials (if any) in
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
                           min_new_tokens=8)[0, len(ids):].tolist()

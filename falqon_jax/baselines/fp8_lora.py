@@ -159,7 +159,7 @@ def _forward(scaling, w8, scale, a, b, x):
     b8, b_scale = fp8.quantize(b, fp8.E4M3)
     base = fp8.fp8_dot(x8, x_scale, w8, scale, _CONTRACT_LAST)  # (T, out)
     ax = fp8.fp8_dot(x8, x_scale, a8, a_scale, _CONTRACT_LAST)  # (T, r)
-    ax8, ax_scale = fp8.quantize(ax, fp8.E4M3)
+    ax8, ax_scale = fp8.quantize(jax.lax.optimization_barrier(ax), fp8.E4M3)
     lora = fp8.fp8_dot(ax8, ax_scale, b8, b_scale, _CONTRACT_LAST)  # (T, out)
     y = (base + scaling * lora).astype(x.dtype)
     return y, (w8, scale, x8, x_scale, a8, a_scale, ax8, ax_scale, b8, b_scale)
@@ -175,7 +175,7 @@ def _fp8_lora_bwd(scaling, residuals, g):
     lora_g_scale = g_scale * scaling  # dL/d(lora output) = scaling * g, same FP8 payload
     db = fp8.fp8_dot(g8, lora_g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, r)
     dax = fp8.fp8_dot(g8, lora_g_scale, b8, b_scale, _CONTRACT_INNER)  # (T, r)
-    dax8, dax_scale = fp8.quantize(dax, fp8.E5M2)
+    dax8, dax_scale = fp8.quantize(jax.lax.optimization_barrier(dax), fp8.E5M2)
     da = fp8.fp8_dot(dax8, dax_scale, x8, x_scale, _CONTRACT_TOKENS)  # (r, in)
     dx = fp8.fp8_dot(g8, g_scale, w8, scale, _CONTRACT_INNER)  # (T, in)
     dx = dx + fp8.fp8_dot(dax8, dax_scale, a8, a_scale, _CONTRACT_INNER)

@@ -199,6 +199,25 @@ def _chat(record: dict, where: str) -> Chat:
 # Chat templates.
 
 
+def leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id to put in front of a text record: the one the tokenizer itself adds when
+    it encodes with its special tokens, else ``None``.
+
+    The LLaMA tokenizer adds ``<s>``; SmolLM2's adds nothing, although it names
+    ``<|im_start|>`` as its ``bos_token``, so its records get no BOS. A tokenizer that is
+    not a Hugging Face one (the demo's :class:`~falqon_jax.train.demo_data.CharTokenizer`)
+    gets its ``bos_token_id``.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return bos
+    probe = "a"
+    with_special = tokenizer.encode(probe, add_special_tokens=True)
+    without = tokenizer.encode(probe, add_special_tokens=False)
+    adds = with_special[:1] == [bos] and without[:1] != [bos]
+    return bos if adds else None
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether ``tokenizer`` (a Hugging Face tokenizer) has a chat template to render with."""
     return bool(getattr(tokenizer, "chat_template", None))

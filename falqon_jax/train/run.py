@@ -262,11 +262,12 @@ def prepare(config: TrainConfig) -> Prepared:
             if not uses_char_tokenizer(config) else tokenizer.encode(text)
 
     lengths = {"source_len": config.source_len, "target_len": config.target_len}
+    bos_id = data.leading_bos(tokenizer)
 
     def tokenize_one(item) -> data.Tokenized:
         if isinstance(item, data.Chat):
             return data.tokenize_rendered(data.render_chat(item, tokenizer), tokenizer, **lengths)
-        return data.tokenize_example(item, encode, bos_id=tokenizer.bos_token_id,
+        return data.tokenize_example(item, encode, bos_id=bos_id,
                                      eos_id=tokenizer.eos_token_id, **lengths)
 
     def tokenize(items):
@@ -558,13 +559,15 @@ def prompt_text(example: Any, tokenizer: Any) -> str:
 
 def prompt_tokens(example: Any, tokenizer: Any, config: TrainConfig) -> list[int]:
     """Token ids of :func:`prompt_text`, encoded as in training: a chat exactly as its
-    template renders it, other formats with the tokenizer's BOS in front."""
+    template renders it, other formats with a BOS in front where the tokenizer adds one
+    (:func:`falqon_jax.train.data.leading_bos`)."""
     from falqon_jax.train import data
 
     text = prompt_text(example, tokenizer)
     ids = tokenizer.encode(text) if uses_char_tokenizer(config) \
         else tokenizer.encode(text, add_special_tokens=False)
-    if isinstance(example, data.Chat) or tokenizer.bos_token_id is None:
+    bos = data.leading_bos(tokenizer)
+    if isinstance(example, data.Chat) or bos is None:
         return ids
-    return [tokenizer.bos_token_id] + ids
+    return [bos] + ids
 
