@@ -75,6 +75,18 @@ def quantize(x: jax.Array, dtype: jnp.dtype = E4M3) -> tuple[jax.Array, jax.Arra
     return cast_to_fp8(x, scale, dtype), scale
 
 
+def quantize_gemm_result(x: jax.Array, dtype: jnp.dtype = E4M3) -> tuple[jax.Array, jax.Array]:
+    """:func:`quantize` for the float32 result of an FP8 GEMM (e.g. ``A x`` before it feeds
+    the next FP8 GEMM). Same values; an optimization barrier keeps the two apart.
+
+    XLA's cuBLASLt FP8 rewrite fuses a GEMM result's amax and its FP8 cast into the GEMM
+    itself; with dynamic scaling the cast's scale is computed from that very amax, so the
+    fused GEMM would depend on its own output, and compilation fails ("A cycle is detected
+    while visiting instruction ...", seen with jax 0.10.2 for an H100).
+    """
+    return quantize(lax.optimization_barrier(x), dtype)
+
+
 def dequantize(q: jax.Array, scale: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """``q.astype(float32) * scale``, cast to ``dtype``."""
     return (q.astype(jnp.float32) * scale).astype(dtype)

@@ -157,12 +157,13 @@ def _forward(scaling, w8, scale, a, b, x):
     x8, x_scale = fp8.quantize(x, fp8.E4M3)
     a8, a_scale = fp8.quantize(a, fp8.E4M3)
     b8, b_scale = fp8.quantize(b, fp8.E4M3)
-    base = fp8.fp8_dot(x8, x_scale, w8, scale, _CONTRACT_LAST)  # (T, out)
-    ax = fp8.fp8_dot(x8, x_scale, a8, a_scale, _CONTRACT_LAST)  # (T, r)
-    ax8, ax_scale = fp8.quantize(jax.lax.optimization_barrier(ax), fp8.E4M3)
-    lora = fp8.fp8_dot(ax8, ax_scale, b8, b_scale, _CONTRACT_LAST)  # (T, out)
-    y = (base + scaling * lora).astype(x.dtype)
-    return y, (w8, scale, x8, x_scale, a8, a_scale, ax8, ax_scale, b8, b_scale)
+    # Each GEMM writes its (T, out) result in x's dtype, as torchao's float8 linears do.
+    base = fp8.fp8_dot(x8, x_scale, w8, scale, _CONTRACT_LAST).astype(x.dtype)  # (T, out)
+    ax = fp8.fp8_dot(x8, x_scale, a8, a_scale, _CONTRACT_LAST)  # (T, r) float32
+    ax8, ax_scale = fp8.quantize_gemm_result(ax, fp8.E4M3)
+    # s (x A^T) B^T: the LoRA multiplier s folded into the GEMM's scale
+    lora = fp8.fp8_dot(ax8, ax_scale * scaling, b8, b_scale, _CONTRACT_LAST).astype(x.dtype)
+    return base + lora, (w8, scale, x8, x_scale, a8, a_scale, ax8, ax_scale, b8, b_scale)
 
 
 def _fp8_lora_fwd(scaling, w8, scale, a, b, x):
@@ -175,12 +176,12 @@ def _fp8_lora_bwd(scaling, residuals, g):
     lora_g_scale = g_scale * scaling  # dL/d(lora output) = scaling * g, same FP8 payload
     db = fp8.fp8_dot(g8, lora_g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, r)
     dax = fp8.fp8_dot(g8, lora_g_scale, b8, b_scale, _CONTRACT_INNER)  # (T, r)
-    dax8, dax_scale = fp8.quantize(jax.lax.optimization_barrier(dax), fp8.E5M2)
+    dax8, dax_scale = fp8.quantize_gemm_result(dax, fp8.E5M2)
     da = fp8.fp8_dot(dax8, dax_scale, x8, x_scale, _CONTRACT_TOKENS)  # (r, in)
-    dx = fp8.fp8_dot(g8, g_scale, w8, scale, _CONTRACT_INNER)  # (T, in)
-    dx = dx + fp8.fp8_dot(dax8, dax_scale, a8, a_scale, _CONTRACT_INNER)
+    dx = fp8.fp8_dot(g8, g_scale, w8, scale, _CONTRACT_INNER).astype(g.dtype)  # (T, in)
+    dx = dx + fp8.fp8_dot(dax8, dax_scale, a8, a_scale, _CONTRACT_INNER).astype(g.dtype)
     # None: symbolic zero cotangents for the frozen backbone ``w8`` and its ``scale``.
-    return None, None, da, db, dx.astype(g.dtype)
+    return None, None, da, db, dx
 
 
 _fp8_lora_matmul.defvjp(_fp8_lora_fwd, _fp8_lora_bwd)
