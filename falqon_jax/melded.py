@@ -31,11 +31,14 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from falqon_jax import fp8, sharding
 
 # FP8 tensor-core GEMMs need every matrix dimension to be a multiple of this.
 FP8_ALIGNMENT = 16
+# The name (jax.ad_checkpoint.checkpoint_name) of the residual Q(A x) of the backward.
+SAVED_RESIDUAL = "falqon_ax8"
 
 
 @jax.tree_util.register_dataclass
@@ -220,48 +223,57 @@ def _melded_matmul(p: MeldedLinear, x: jax.Array) -> jax.Array:
 def _forward(p: MeldedLinear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One FP8 GEMM of ``Q_e4m3(x)`` with ``[W; A]``; returns ``(y, ax)``.
 
-    ``y`` is ``(..., out)`` in ``x``'s dtype, ``ax = A x`` is float32 ``(T, rank)``. With a
-    live ``b`` it adds ``(A x) b^T``: a rank-``r`` GEMM with operands in ``x``'s dtype and
-    float32 accumulation (not FP8: ``b``'s small updates must not round away).
+    ``y`` is ``(..., out)`` and ``ax = A x`` ``(T, rank)``, both in ``x``'s dtype: the GEMM
+    accumulates in float32 and writes its result in the compute dtype (on a GPU the FP8
+    GEMM itself rounds it, so no float32 copy of ``(T, out + rank)`` is written and read
+    again). With a live ``b`` it adds ``(A x) b^T``: a rank-``r`` GEMM with operands in
+    ``x``'s dtype and float32 accumulation (not FP8: ``b``'s small updates must not round
+    away), its result rounded to ``x``'s dtype before the sum.
     """
     tokens = x.reshape(-1, x.shape[-1])
     x8, x_scale = fp8.quantize(tokens, fp8.E4M3)
     w8 = sharding.gathered(p.w8)  # FSDP: all-gathered as FP8, 1 byte per value
-    both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST)  # (T, out + rank)
-    y, ax = both[:, : p.out], both[:, p.out :]
+    both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST).astype(x.dtype)
+    ax = both[:, p.out :]  # (T, rank)
     if p.b_in_forward:
+        # (A x) [b; 0]^T spans all out + rank columns, so the sum with the GEMM's result
+        # needs no strided copy of its first out columns (the extra rank x rank block adds
+        # zeros to the A x columns, which y does not keep).
         b = sharding.gathered(p.b).astype(x.dtype)  # FSDP: gathered (f32, out x rank)
-        y = y + lax.dot_general(ax.astype(x.dtype), b, _CONTRACT_RANK,
-                                preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(x.shape[:-1] + (p.out,)), ax
+        b_rows = jnp.pad(b, ((0, p.rank), (0, 0)))  # (out + rank, rank)
+        both = both + lax.dot_general(ax, b_rows, _CONTRACT_RANK,
+                                      preferred_element_type=x.dtype)
+    return both[:, : p.out].reshape(x.shape[:-1] + (p.out,)), ax
 
 
 def _melded_fwd(p: MeldedLinear, x: jax.Array):
     y, ax = _forward(p, x)
-    # Residuals: the tiny ``A x`` and the weights that are already resident (their own
+    ax8, ax_scale = fp8.quantize_gemm_result(ax, fp8.E4M3)  # dL/db's FP8 operand
+    # Residuals: the tiny ``Q(A x)`` and the weights that are already resident (their own
     # shards under FSDP; the backward gathers them again) -- never ``x``.
-    return y, (ax, p.w8, p.scale, p.b if p.b_in_forward else None)
+    ax8, ax_scale = checkpoint_name((ax8, ax_scale), SAVED_RESIDUAL)
+    return y, (ax8, ax_scale, p.w8, p.scale, p.b if p.b_in_forward else None)
 
 
 def _melded_bwd(residuals, g: jax.Array):
-    ax, w8, scale, b = residuals
-    rank = ax.shape[1]
+    ax8, ax_scale, w8, scale, b = residuals
+    rank = ax8.shape[1]
     out = w8.shape[0] - rank
     live = b is not None
     g_tokens = g.reshape(-1, out)
     g8, g_scale = fp8.quantize(g_tokens, fp8.E5M2)
     full = sharding.gathered(w8)
     backbone = lax.slice_in_dim(full, 0, out, axis=0)
-    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT)  # (T, in) float32
+    # (T, in), written by the GEMM in g's dtype (float32 accumulation)
+    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT).astype(g.dtype)
     if live:  # d/dx of (A x) b^T: (g b) A, in g's dtype with float32 accumulation
         gb = lax.dot_general(g_tokens, sharding.gathered(b).astype(g.dtype), _CONTRACT_ROWS,
                              preferred_element_type=jnp.float32)  # (T, r)
         a = (lax.slice_in_dim(full, out, out + rank, axis=0).astype(jnp.float32)
              * scale).astype(g.dtype)
         dx = dx + lax.dot_general(gb.astype(g.dtype), a, _CONTRACT_ROWS,
-                                  preferred_element_type=jnp.float32)
-    dx = dx.astype(g.dtype).reshape(g.shape[:-1] + (w8.shape[1],))
-    ax8, ax_scale = fp8.quantize(ax, fp8.E4M3)
+                                  preferred_element_type=g.dtype)
+    dx = dx.reshape(g.shape[:-1] + (w8.shape[1],))
     db = fp8.fp8_dot(g8, g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, rank)
     dp = MeldedLinear(
         w8=jnp.zeros_like(w8),

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from falqon_jax import load_model, melded
+from falqon_jax import gpu_program, load_model, melded
 from falqon_jax.model import methods
 from falqon_jax.model.config import load_card
 from falqon_jax.model.llama import (
@@ -256,3 +256,37 @@ def test_plan_leaves_unconvertible_layers_dense_and_frozen():
     assert not plan.train_base
     with pytest.raises(ValueError, match="unknown targets"):
         plan_linears(config, "falqon", targets=["qkv"])
+
+
+def _falqon_grads_and_program(remat: bool):
+    config = dataclasses.replace(load_card("tiny"), num_layers=2)
+    plan = plan_linears(config, "falqon", rank=16)
+    module = Llama(config, plan, jnp.float32, remat=remat)
+    params = random_params(module, seed=0)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 512, size=(2, 16)))
+
+    def loss(p):
+        return jnp.mean(jax.nn.log_softmax(module.apply({"params": p}, tokens)) ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    return grad(params), grad.lower(params).compile().as_text()
+
+
+def test_remat_saves_q_ax_and_does_not_recompute_down_proj():
+    """Gradient checkpointing saves FALQON's ``Q(A x)``: down_proj's melded GEMM (its output
+    only joins the residual stream) runs once per layer, not again in the backward; the
+    loss and every gradient equal those of the step without checkpointing, bit for bit."""
+    (loss, grads), program = _falqon_grads_and_program(remat=True)
+    (loss_ref, grads_ref), program_ref = _falqon_grads_and_program(remat=False)
+
+    def down_forward_gemms(text: str) -> int:
+        """GEMMs with the melded down_proj weight (64 + 16 rows, 176 in), FP8 widened on CPU."""
+        return sum(g.calls for g in gpu_program.gemms(gpu_program.parse(text))
+                   if g.rhs[1] == (80, 176))
+
+    layers = 2
+    assert down_forward_gemms(program_ref) == layers  # no remat: the forward only
+    assert down_forward_gemms(program) == layers  # remat: still once a layer, not twice
+    assert float(loss) == float(loss_ref)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from falqon_jax import sharding
+from falqon_jax import melded, sharding
 from falqon_jax.model import methods
 from falqon_jax.model.config import LlamaConfig
 
@@ -38,6 +38,9 @@ TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # default linear targets
 ALL_TARGETS = TARGETS + ("lm_head",)
 INIT_STD = 0.02  # standard deviation of randomly initialised weights (as in Hugging Face)
 _NEG_INF = float(np.finfo(np.float32).min)  # finite, so fully masked rows give no NaN
+# Gradient checkpointing saves FALQON's Q(A x) (tokens x rank bytes per layer): a layer
+# whose output only the residual stream reads (o_proj, down_proj) is then not recomputed.
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(melded.SAVED_RESIDUAL)
 
 
 def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -371,7 +374,7 @@ class Llama(nn.Module):
 
         layer = DecoderLayer
         if self.remat:
-            layer = nn.remat(layer, prevent_cse=False)
+            layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICY)
         stack = nn.scan(
             layer,
             variable_axes={"params": 0},
