@@ -10,18 +10,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from falqon_jax import sharding
 from falqon_jax.model import methods
 from falqon_jax.model.config import LlamaConfig, load_card
-from falqon_jax.model.llama import (
-    Llama,
-    abstract_params,
-    linear_shapes,
-    plan_linears,
-    trainable_mask,
-)
-from falqon_jax.optax import falqon_update
+from falqon_jax.model.llama import linear_shapes, plan_linears
+from falqon_jax.model.methods import linear_method
+from falqon_jax.train.config import PAPER, TrainConfig
+from falqon_jax.train.trainer import Trainer, TrainState, combine, partition
 
 # FALQON's update rules as bench methods: name -> falqon_update settings. "falqon" is the
 # default rule (a live b); the others are the paper's rule, the authors' code, ...
@@ -153,6 +149,16 @@ def resolve(args: argparse.Namespace) -> Settings:
         remat=args.remat,
         seed=args.seed,
     )
+    check_settings(settings)
+    if not settings.shapes and settings.model_card is None:
+        raise BenchError("nothing to benchmark: --shapes none and --model-card none")
+    if settings.model_card is not None:
+        model_config(settings)  # raises BenchError for an unknown card
+    return settings
+
+
+def check_settings(settings: Settings) -> None:
+    """``BenchError`` for settings no benchmark can run (sizes, method/shape mismatches)."""
     for flag, value in (("--tokens", settings.tokens), ("--rank", settings.rank),
                         ("--batch", settings.batch), ("--seq", settings.seq),
                         ("--top-k", settings.top_k)):
@@ -160,8 +166,6 @@ def resolve(args: argparse.Namespace) -> Settings:
             raise BenchError(f"{flag} must be a positive integer, got {value}")
     if settings.model_layers < 0:
         raise BenchError(f"--model-layers must be >= 0, got {settings.model_layers}")
-    if not settings.shapes and settings.model_card is None:
-        raise BenchError("nothing to benchmark: --shapes none and --model-card none")
     for name in settings.methods:
         method = methods.get(registry_name(name))
         for out, in_features in settings.shapes:
@@ -172,9 +176,6 @@ def resolve(args: argparse.Namespace) -> Settings:
                 raise BenchError(
                     f"--top-k {settings.top_k} exceeds out={out} of shape {out}x{in_features}"
                 )
-    if settings.model_card is not None:
-        model_config(settings)  # raises BenchError for an unknown card
-    return settings
 
 
 def model_config(settings: Settings) -> LlamaConfig:
@@ -190,97 +191,50 @@ def model_config(settings: Settings) -> LlamaConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Train steps.
+# Train steps: the trainer's own (falqon_jax.train.trainer), never a copy.
 
 
-def make_optimizer() -> optax.GradientTransformation:
-    """The paper's optimizer: global-norm clipping at 3.0, then AdamW (lr 2e-3, beta2 0.999,
-    no weight decay). Applied to the trainable leaves only."""
-    return optax.chain(
-        optax.clip_by_global_norm(3.0),
-        optax.adamw(2e-3, b1=0.9, b2=0.999, weight_decay=0.0),
-    )
-
-
-def _is_none(node: object) -> bool:
-    return node is None
-
-
-def partition(params: Any, mask: Any) -> tuple[Any, Any]:
-    """Split ``params`` by a bool ``mask`` into ``(trainable, frozen)``; gaps are ``None``."""
-    trainable = jax.tree.map(lambda m, p: p if m else None, mask, params)
-    frozen = jax.tree.map(lambda m, p: None if m else p, mask, params)
-    return trainable, frozen
-
-
-def combine(trainable: Any, frozen: Any) -> Any:
-    """Inverse of :func:`partition`."""
-    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_none)
-
-
-def apply_updates(params: Any, updates: Any) -> Any:
-    """``params + updates`` leaf by leaf, skipping ``None`` updates, keeping each dtype.
-
-    FALQON's ``w8`` update is a :class:`falqon_jax.optax.RowMerge` (a k-row scatter).
-    """
-    return jax.tree.map(
-        lambda p, u: p if u is None else jnp.asarray(p + u).astype(jnp.asarray(p).dtype),
-        params,
-        updates,
-        is_leaf=_is_none,
-    )
+def train_config(method: str, settings: Settings) -> TrainConfig:
+    """The training configuration of a bench method: the paper's optimizer and settings,
+    this run's rank, top-k, batch, gradient checkpointing and bfloat16 compute; FALQON's
+    rules as ``rule`` / ``rounding``."""
+    base = dataclasses.replace(
+        PAPER, model=settings.model_card or "llama-7b", data="bench", rank=settings.rank,
+        top_k=settings.top_k, remat=settings.remat, batch_size=settings.batch,
+        dtype="bfloat16", seed=settings.seed, method="falqon" if method in FALQON_RULES
+        else method)
+    return dataclasses.replace(base, **FALQON_RULES.get(method, {}))
 
 
 @dataclasses.dataclass
 class Case:
-    """One (method, shape) benchmark: a step function and its abstract inputs.
+    """One (method, shape) benchmark: a train step and its abstract inputs.
 
-    ``step(params, opt_state, merge_state, *inputs)`` returns the new
-    ``(params, opt_state, merge_state)`` followed by its outputs; the first three arguments
-    are donated. ``state`` holds the three abstract (``ShapeDtypeStruct``) trees,
-    ``inputs`` the abstract per-step inputs, ``tokens`` the tokens per step and
-    ``model_flops`` the GEMM FLOPs of one step (see :func:`linear_flops`).
+    ``step(state, *inputs)`` returns the new :class:`~falqon_jax.train.trainer.TrainState`
+    followed by its outputs; the state (argument 0) is donated. ``state`` is the abstract
+    (``ShapeDtypeStruct``) state, ``inputs`` the abstract per-step inputs, ``make_inputs(key)``
+    concrete ones (for timing), ``tokens`` the tokens per step and ``model_flops`` the GEMM
+    FLOPs of one step (see :func:`linear_flops`). ``trainer`` built the step.
     """
 
     method: str
     kind: str
     shape: str
     step: Callable[..., Any]
-    state: tuple[Any, Any, Any]
+    state: Any
     inputs: tuple[jax.ShapeDtypeStruct, ...]
+    make_inputs: Callable[[jax.Array], tuple[jax.Array, ...]]
     tokens: int
     model_flops: float
     extra: dict[str, Any]
-
-
-def _abstract_opt_states(
-    params: Any, mask: Any, method: str, top_k: int
-) -> tuple[optax.GradientTransformation, Any, optax.GradientTransformation | None, Any]:
-    optimizer = make_optimizer()
-    trainable, _ = partition(params, mask)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    merge = falqon_update(top_k, **FALQON_RULES[method]) if method in FALQON_RULES else None
-    merge_state = jax.eval_shape(merge.init, params) if merge is not None else ()
-    return optimizer, opt_state, merge, merge_state
-
-
-def _finish_step(
-    optimizer: optax.GradientTransformation,
-    merge: optax.GradientTransformation | None,
-    params: Any,
-    trainable: Any,
-    grads: Any,
-    opt_state: Any,
-    merge_state: Any,
-) -> tuple[Any, Any, Any]:
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    if merge is not None:  # b's update -> top-k row merges into the FP8 weights
-        updates, merge_state = merge.update(updates, merge_state, params)
-    return apply_updates(params, updates), opt_state, merge_state
+    trainer: Trainer
+    llama_config: LlamaConfig | None = None  # model cases: the architecture
 
 
 def linear_case(method: str, out: int, in_features: int, settings: Settings) -> Case:
-    """The train step of one ``(out, in)`` linear layer under ``method`` (see module doc)."""
+    """The train step of one ``(out, in)`` linear layer under ``method`` (see module doc):
+    its forward and backward, then the trainer's optimizer step (:meth:`Trainer.
+    apply_gradients`)."""
     impl = methods.get(registry_name(method))
     tokens, rank = settings.tokens, settings.rank
     w = jax.ShapeDtypeStruct((out, in_features), jnp.float32)
@@ -288,81 +242,80 @@ def linear_case(method: str, out: int, in_features: int, settings: Settings) -> 
         lambda w: impl.init(w, rank, alpha=16.0, key=jax.random.key(0), dtype=jnp.bfloat16), w
     )
     mask = impl.trainable(params)
-    optimizer, opt_state, merge, merge_state = _abstract_opt_states(
-        params, mask, method, settings.top_k
-    )
+    trainer = Trainer(train_config(method, settings), None, mask)
+    state = jax.eval_shape(trainer.fresh_state, params)
 
-    def step(params: Any, opt_state: Any, merge_state: Any, x: jax.Array, g: jax.Array):
-        trainable, frozen = partition(params, mask)
+    def step(state: TrainState, x: jax.Array, g: jax.Array):
+        trainable, frozen = partition(state.params, mask)
         y, vjp = jax.vjp(lambda t, x: impl.apply(combine(t, frozen), x), trainable, x)
         grads, dx = vjp(g)
-        params, opt_state, merge_state = _finish_step(
-            optimizer, merge, params, trainable, grads, opt_state, merge_state
-        )
-        return params, opt_state, merge_state, y, dx
+        return trainer.apply_gradients(state, grads), y, dx
 
     inputs = (
         jax.ShapeDtypeStruct((tokens, in_features), jnp.bfloat16),
         jax.ShapeDtypeStruct((tokens, out), jnp.bfloat16),
     )
+
+    def make_inputs(key: jax.Array) -> tuple[jax.Array, ...]:
+        keys = jax.random.split(key, len(inputs))
+        return tuple(jax.random.normal(k, s.shape, jnp.float32).astype(s.dtype)
+                     for k, s in zip(keys, inputs, strict=True))
+
     return Case(
         method=method,
         kind="linear",
         shape=f"{out}x{in_features}",
         step=step,
-        state=(params, opt_state, merge_state),
+        state=state,
         inputs=inputs,
+        make_inputs=make_inputs,
         tokens=tokens,
         model_flops=linear_flops(method, out, in_features, tokens, rank),
         extra={"rank": rank},
+        trainer=trainer,
     )
 
 
-def model_case(method: str, settings: Settings) -> Case:
-    """The train step of a LLaMA decoder stack under ``method`` (see module doc)."""
+def model_case(method: str, settings: Settings, mesh: Any = None) -> Case:
+    """The trainer's step (:attr:`Trainer.step_fn`) on a LLaMA decoder stack under
+    ``method`` (see module doc); ``mesh`` (axes ``data``, ``fsdp``) places the state and
+    batch, e.g. on compile-only GPUs."""
+    from falqon_jax.train.plan import abstract_step
+
     config = model_config(settings)
-    plan = plan_linears(config, registry_name(method), rank=settings.rank)
-    module = Llama(config, plan, jnp.bfloat16, remat=settings.remat)
-    params = abstract_params(module)
-    mask = trainable_mask(params, plan)
-    optimizer, opt_state, merge, merge_state = _abstract_opt_states(
-        params, mask, method, settings.top_k
-    )
-
-    def loss_fn(trainable: Any, frozen: Any, tokens: jax.Array) -> jax.Array:
-        logits = module.apply({"params": combine(trainable, frozen)}, tokens)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        return -jnp.mean(picked)
-
-    def step(params: Any, opt_state: Any, merge_state: Any, tokens: jax.Array):
-        trainable, frozen = partition(params, mask)
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
-        params, opt_state, merge_state = _finish_step(
-            optimizer, merge, params, trainable, grads, opt_state, merge_state
-        )
-        return params, opt_state, merge_state, loss
-
+    train = train_config(method, settings)
     batch, seq = settings.batch, settings.seq
-    layers = config.num_layers
+    if mesh is None:
+        mesh = sharding.parse_mesh("fsdp=1", jax.devices()[:1])
+    built = abstract_step(train, config, mesh, seq, batch)
+    plan = plan_linears(config, linear_method(train), rank=settings.rank)
+
+    def make_inputs(key: jax.Array) -> tuple[jax.Array, ...]:
+        tokens = jax.random.randint(key, (batch, seq), 0, min(256, config.vocab_size),
+                                    jnp.int32)
+        return tokens, jnp.ones((batch, seq), jnp.float32), jnp.ones((batch, seq), jnp.int32)
+
     return Case(
         method=method,
         kind="model",
-        shape=f"{settings.model_card}:{layers}L",
-        step=step,
-        state=(params, opt_state, merge_state),
-        inputs=(jax.ShapeDtypeStruct((batch, seq), jnp.int32),),
+        shape=f"{settings.model_card}:{config.num_layers}L",
+        step=built.trainer.step_fn,
+        state=built.args[0],
+        inputs=tuple(built.args[1:]),
+        make_inputs=make_inputs,
         tokens=batch * seq,
         model_flops=model_flops(method, config, plan, batch, seq, settings.rank),
         extra={
             "rank": settings.rank,
             "batch": batch,
             "seq": seq,
-            "layers": layers,
+            "layers": config.num_layers,
             "remat": settings.remat,
             "converted": [t for t in linear_shapes(config)
                           if getattr(plan, t) == registry_name(method)],
         },
+        trainer=built.trainer,
+        llama_config=config,
     )
 
 
@@ -430,6 +383,48 @@ def model_flops(
     head = linear_flops(head_method, out, in_features, tokens, rank)
     return config.num_layers * per_layer + head
 
+# A decoder layer's projections whose output its backward pass reads (q, k, v: attention;
+# o: the residual stream the MLP's norm normalises; gate, up: silu(gate) * up). Under
+# gradient checkpointing these are recomputed; down_proj's output only joins the residual
+# stream, which the layer's output carries, so nothing needs it again.
+OUTPUT_READ_BY_BACKWARD = ("q", "k", "v", "o", "gate", "up")
+
+
+def minimum_fp8_flops(method: str, config: LlamaConfig, tokens: int, rank: int,
+                      remat: bool) -> float:
+    """The FP8 GEMM FLOPs one train step of the decoder stack cannot do without, per method
+    (the seven projections converted, ``T`` tokens, rank ``r``; ``lm_head`` stays bf16):
+
+    * FALQON (every rule): forward ``2 T (out + r) in`` per projection (the melded GEMM,
+      which yields ``A x``); ``dL/dx`` ``2 T out in``; ``dL/db`` ``2 T out r``; with
+      ``remat``, the recomputation of the outputs the backward reads
+      (:data:`OUTPUT_READ_BY_BACKWARD`), ``2 T out in`` each -- ``Q(A x)`` is saved, so
+      the recomputation needs no ``A`` row, and ``down_proj`` is not recomputed at all.
+    * ``fp8_lora``: forward ``2 T out in + 2 T r (in + out)``; backward ``dL/dx``
+      (``2 T out in + 2 T r in``), ``dB``, ``d(x A^T)`` and ``dA`` (``2 T r (2 out + in)``);
+      with ``remat``, the forward again for the outputs the backward reads, and
+      ``x A^T`` (``2 T r in``) for ``down_proj`` (``dB`` reads it).
+
+    The bf16 GEMMs of a live ``b`` are not FP8 and not counted. ``ValueError`` for methods
+    without FP8 GEMMs.
+    """
+    t, r = float(tokens), float(rank)
+    total = 0.0
+    for target, (out, in_features) in linear_shapes(config).items():
+        if target == "lm_head":
+            continue
+        o, i = float(out), float(in_features)
+        recompute = remat and target in OUTPUT_READ_BY_BACKWARD
+        if method.startswith("falqon"):
+            total += 2 * t * (o + r) * i + 2 * t * o * i + 2 * t * o * r
+            total += 2 * t * o * i if recompute else 0.0
+        elif method == "fp8_lora":
+            forward = 2 * t * o * i + 2 * t * r * (i + o)
+            total += forward + 2 * t * o * i + 2 * t * r * i + 2 * t * r * (2 * o + i)
+            total += forward if recompute else (2 * t * r * i if remat else 0.0)
+        else:
+            raise ValueError(f"{method} runs no FP8 GEMM")
+    return config.num_layers * total
 
 
 # --------------------------------------------------------------------------------------

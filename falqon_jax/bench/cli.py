@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -20,8 +21,10 @@ from falqon_jax.bench.cases import (
     BenchError,
     Settings,
     cases,
+    check_settings,
     model_config,
     parse_methods,
+    parse_shapes,
     resolve,
 )
 from falqon_jax.bench.hlo import HLO_HEADER, format_hlo, hlo_row
@@ -104,6 +107,63 @@ def run_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_gpu(args: argparse.Namespace) -> int:
+    """The ``gpu`` subcommand: see :mod:`falqon_jax.bench.gpu`."""
+    from falqon_jax import targets
+    from falqon_jax.bench import gpu
+
+    try:
+        target = targets.get(args.target)
+        targets.use_compile_only()
+    except targets.TargetError as err:
+        raise BenchError(str(err)) from None
+    backends = tuple(dict.fromkeys(b.strip() for b in args.backends.split(",") if b.strip()))
+    unknown = [b for b in backends if b not in targets.GEMM_BACKENDS]
+    if unknown or not backends:
+        raise BenchError(f"--backends must name {' and/or '.join(targets.GEMM_BACKENDS)}, "
+                         f"got {args.backends!r}")
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) \
+        if args.models.strip().lower() != "none" else ()
+    settings = Settings(
+        methods=parse_methods(args.methods), shapes=parse_shapes(args.shapes),
+        tokens=args.tokens, rank=args.rank, model_card=None, model_layers=0,
+        batch=args.batch, seq=args.seq, top_k=args.top_k, remat=args.remat, seed=0)
+    check_settings(settings)
+    for card in models:
+        model_config(dataclasses.replace(settings, model_card=card))  # an unknown card
+    if args.fsdp < 0 or args.fsdp == 1:
+        raise BenchError(f"--fsdp must be 0 (off) or at least 2 devices, got {args.fsdp}")
+    if args.fsdp and args.batch % args.fsdp:
+        raise BenchError(f"--batch {args.batch} must divide over --fsdp {args.fsdp} devices")
+    env = environment()
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"falqon_jax.bench gpu: {stamp}; jax {env['jax_version']}; compiled for "
+          f"{target.device} (compile only, no GPU used) on host CPU {env['host_cpu']}",
+          flush=True)
+    print(f"models {', '.join(models) or 'none'}: every layer, batch {args.batch} x seq "
+          f"{args.seq}, rank {args.rank}, bf16, remat {'on' if args.remat else 'off'}; linear "
+          f"shapes {args.shapes} with {args.tokens} tokens; back ends {', '.join(backends)}",
+          flush=True)
+    print("peak/args/temp: GiB per device (memory_analysis); FP8/bf16/f32 TF: GEMM TFLOP per "
+          "step; min FP8: the method's minimum; wid: GEMMs reading widened FP8; FLOP ms / "
+          f"byte ms / bound ms: LOWER BOUNDS on {target.device} (dense peaks "
+          f"{target.fp8_tflops or '-'} FP8 / {target.bf16_tflops} bf16 TFLOP/s, "
+          f"{target.hbm_bytes_per_s / 1e12:.2f} TB/s), not measurements", flush=True)
+    print(gpu.HEADER, flush=True)
+    rows: list[dict[str, Any]] = []
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        write_json(args.json, rows)
+        print(gpu.format_row(row), flush=True)
+
+    gpu.run(settings, target, backends, models, args.fsdp, env, on_row)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} program(s) did not compile", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # --------------------------------------------------------------------------------------
 # Command line.
 
@@ -159,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "qlora, full).",
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{hlo,speed,accuracy,collectives}")
+                                metavar="{hlo,speed,gpu,accuracy,collectives}")
 
     hlo_parser = sub.add_parser(
         "hlo", help="compile-only: FP8 casts, GEMMs, memory and cost analysis per method",
@@ -189,6 +249,39 @@ def build_parser() -> argparse.ArgumentParser:
     speed_parser.add_argument("--warmup", type=_int, default=2,
                               help="untimed steps first, including compilation (default 2)")
     speed_parser.set_defaults(run=run_speed)
+
+    gpu_parser = sub.add_parser(
+        "gpu", help="compile every train step for a GPU without one: memory, FP8 GEMMs, "
+        "copies, roofline bounds",
+        description="Compile the train step of every method for a compile-only GPU (default "
+        "an H100 SXM; needs pip install -e '.[h100]', no GPU) on both GEMM back ends, for "
+        "linear layers and whole models at the paper's settings, and report peak memory, "
+        "GEMMs by precision, widened FP8 operands, FP8 copies and roofline lower bounds "
+        "(see falqon_jax.bench.gpu).",
+    )
+    add = gpu_parser.add_argument
+    add("--target", default="h100", help="GPU to compile for: h100 (default), h200, a100, l4")
+    add("--backends", default="cublaslt,triton",
+        help="GEMM back ends, comma-separated: cublaslt, triton (default both)")
+    add("--methods", default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; also "
+        f"{','.join(m for m in METHOD_NAMES if m not in DEFAULT_METHODS)})")
+    add("--models", default="llama-7b,llama-13b",
+        help="model cards compiled whole (every layer), or 'none' (default llama-7b,llama-13b)")
+    add("--shapes", default="4096x4096,11008x4096",
+        help="linear weight shapes OUTxIN, or 'none' (default 4096x4096,11008x4096)")
+    add("--tokens", type=_int, default=8192, help="tokens per linear-layer step (default 8192)")
+    add("--rank", type=_int, default=64, help="adapter rank (default 64, the paper's)")
+    add("--batch", type=_int, default=16, help="model batch (default 16, the paper's)")
+    add("--seq", type=_int, default=512, help="model sequence length (default 512)")
+    add("--top-k", type=_int, default=10, help="FALQON's top-k (merging rules; default 10)")
+    add("--remat", action=argparse.BooleanOptionalAction, default=True,
+        help="gradient checkpointing in the models (default on, the paper's)")
+    add("--fsdp", type=_int, default=8,
+        help="also compile the models' FSDP step over N GPUs of one node (default 8; 0: off)")
+    add("--json", type=Path, default=None, metavar="FILE",
+        help="write the rows as a JSON list to FILE")
+    gpu_parser.set_defaults(run=run_gpu)
 
     accuracy_parser = sub.add_parser(
         "accuracy", help="held-out loss per method after fine-tuning a pretrained model",

@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from falqon_jax import sharding
 from falqon_jax.bench import hlo
 from falqon_jax.model.config import load_card
-from falqon_jax.model.llama import Llama, abstract_params, plan_linears, trainable_mask
-from falqon_jax.model.methods import linear_method
 from falqon_jax.train.config import PAPER, TrainConfig
-from falqon_jax.train.trainer import Trainer
+from falqon_jax.train.plan import abstract_step
 
 DUMP_ENV = "FALQON_HLO_DUMP"
 
@@ -47,7 +44,8 @@ def child_environment(devices: int, dump_dir: Path) -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS=flags.strip(), **{DUMP_ENV: str(dump_dir)})
 
 
-def _label(loop: str) -> str:
+def label(loop: str) -> str:
+    """A readable name for a loop of the train step (forward/backward per layer, ...)."""
     if loop == "top level":
         return "per step (outside loops)"
     if "transpose(" in loop and "Llama" in loop:
@@ -83,35 +81,15 @@ def step_collectives(
         "model": card, "method": method, "mesh": dict(mesh.shape), "rank": rank,
         "batch": batch, "seq": seq, "grad_accum": grad_accum, "remat": remat,
         "backend": jax.default_backend(),
-        "partitioned": _by_label(partitioned) if partitioned else None,
-        "compiled": _by_label(compiled.as_text()),
+        "partitioned": by_loop(partitioned) if partitioned else None,
+        "compiled": by_loop(compiled.as_text()),
         "argument_bytes": int(getattr(memory, "argument_size_in_bytes", -1)),
         "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
     }
 
 
 def _compile(config: TrainConfig, mesh: jax.sharding.Mesh, seq: int) -> Any:
-    llama_config = load_card(config.model)
-    plan = plan_linears(llama_config, linear_method(config), targets=config.targets,
-                        rank=config.rank,
-                        alpha=config.alpha)
-    module = Llama(llama_config, plan, jnp.bfloat16, remat=config.remat)
-    params = abstract_params(module)
-
-    def forward(p, tokens, attention):
-        return module.apply({"params": p}, tokens, attention)
-
-    trainer = Trainer(config, forward, trainable_mask(params, plan), mesh)
-    state = jax.eval_shape(trainer.fresh_state, params)
-    shardings = sharding.tree_shardings(mesh, state)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings
-    )
-    rows = sharding.batch_sharding(mesh)
-    shape = (config.batch_size, seq)
-    batch = [jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-             for dtype in (jnp.int32, jnp.float32, jnp.int32)]
-    return trainer.sharded_train_step(shardings).lower(abstract, *batch).compile()
+    return abstract_step(config, load_card(config.model), mesh, seq).compile()
 
 
 def _partitioned_text(dump_dir: Path) -> str | None:
@@ -120,11 +98,11 @@ def _partitioned_text(dump_dir: Path) -> str | None:
     return found[-1].read_text() if found else None
 
 
-def _by_label(text: str) -> dict[str, dict[str, int]]:
+def by_loop(text: str) -> dict[str, dict[str, int]]:
+    """Collectives of HLO text per loop :func:`label` (``{label: {"<op> <dtype>": n}}``)."""
     result: dict[str, dict[str, int]] = {}
     for loop in hlo.collectives(text):
-        label = _label(loop.loop)
-        merged = result.setdefault(label, {})
+        merged = result.setdefault(label(loop.loop), {})
         for key, n in loop.counts.items():
             merged[key] = merged.get(key, 0) + n
     return result

@@ -112,24 +112,17 @@ def speed_row(
     is reported as ``first_step_s``.
     """
     key = jax.random.key(seed)
-    params, opt_state, merge_state = case.state
-    state = list(synthetic((params, opt_state, merge_state), key))
-    inputs = []
-    for i, spec in enumerate(case.inputs):
-        k = jax.random.fold_in(key, 1000 + i)
-        if jnp.issubdtype(spec.dtype, jnp.integer):
-            inputs.append(jax.random.randint(k, spec.shape, 0, 256, spec.dtype))
-        else:
-            inputs.append((jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype))
-    step = jax.jit(case.step, donate_argnums=(0, 1, 2))
+    state = synthetic(case.state, key)
+    inputs = case.make_inputs(jax.random.fold_in(key, 1000))
+    step = jax.jit(case.step, donate_argnums=(0,))
 
     def run_once() -> float:
         nonlocal state
         start = time.perf_counter()
-        result = step(*state, *inputs)
+        result = step(state, *inputs)
         jax.block_until_ready(result)
         seconds = time.perf_counter() - start
-        state = list(result[:3])
+        state = result[0]
         return seconds
 
     compile_start = time.perf_counter()

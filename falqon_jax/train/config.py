@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-processes", type=int, help="multi-host: number of processes (hosts)")
     add("--process-id", type=int, help="multi-host: this process's index")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add("--plan", metavar="GPU[:N]", help="do not train: compile this command's train step for "
+        "N GPUs (default 1) of a kind -- h100, h200, a100, l4 -- without one, and print the "
+        "peak memory per device, whether it fits and the largest batch that does (needs pip "
+        "install -e '.[h100]'; no weights are loaded, --data may be left out)")
     return p
 
 
@@ -192,6 +196,7 @@ def resolve(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     resume = bool(args.pop("resume", False))
+    plan = args.pop("plan", None)
     recipe = args.pop("recipe", None)
     values: dict[str, Any] = {}
     if recipe is not None:
@@ -203,8 +208,19 @@ def resolve(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     elif "targets" in values:
         values["targets"] = tuple(values["targets"])
     config = dataclasses.replace(base, **values)
-    validate(config)
+    validate(config, need_data=plan is None)
     return config, resume
+
+
+def length_buckets(config: TrainConfig) -> tuple[int, int]:
+    """Padded batch lengths: powers of two from 64 up to the longest possible example."""
+    longest = -(-(config.source_len + config.target_len) // 16) * 16
+    return min(64, longest), longest
+
+
+def plan_request(argv: list[str] | None) -> str | None:
+    """The ``--plan GPU[:N]`` of a command line, or ``None``."""
+    return vars(build_parser().parse_args(argv)).get("plan")
 
 
 def _read_recipe(path: str) -> dict[str, Any]:
@@ -224,8 +240,9 @@ def _read_recipe(path: str) -> dict[str, Any]:
     return values
 
 
-def validate(c: TrainConfig) -> None:
-    """Range checks that need no model; model-dependent checks happen after loading."""
+def validate(c: TrainConfig, *, need_data: bool = True) -> None:
+    """Range checks that need no model; model-dependent checks happen after loading.
+    ``need_data=False`` (``--plan``) accepts a configuration without ``--data``."""
     positive = ("rank", "top_k", "batch_size", "grad_accum", "steps", "source_len", "target_len",
                 "save_every", "eval_every", "log_every", "keep_checkpoints")
     for name in positive:
@@ -250,5 +267,5 @@ def validate(c: TrainConfig) -> None:
     unknown = set(c.targets) - known
     if unknown or not c.targets:
         raise ConfigError(f"--targets must name layers from {sorted(known)}, got {list(c.targets)}")
-    if not c.data:
+    if not c.data and need_data:
         raise ConfigError("--data is required with --model: pass an instruction data file")

@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from falqon_jax.train.config import ConfigError, TrainConfig, resolve, validate
+from falqon_jax.train.config import (
+    ConfigError,
+    TrainConfig,
+    length_buckets,
+    plan_request,
+    resolve,
+    validate,
+)
 from falqon_jax.train.data import DataError
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -74,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     reported as one line on stderr)."""
     try:
         config, resume = resolve(argv)
+        plan = plan_request(argv)
+        if plan is not None:
+            return run_plan(config, plan)
         args = sys.argv[1:] if argv is None else argv
         if not resume and not any(a == "--out" or a.startswith("--out=") for a in args):
             config = dataclasses.replace(config, out=_fresh_out(config.out))
@@ -81,6 +91,36 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def run_plan(config: TrainConfig, spec: str) -> int:
+    """``--plan GPU[:N]``: compile the step of ``config`` for N compile-only GPUs and print
+    whether it fits (:mod:`falqon_jax.train.plan`); trains nothing, writes nothing."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's notes on fitting a batch
+    from falqon_jax import sharding, targets
+    from falqon_jax.train import plan
+
+    name, _, count = spec.partition(":")
+    if count and not (count.isdigit() and int(count) > 0):
+        raise UserError(f"--plan {spec}: the device count after ':' must be a positive integer")
+    try:
+        target = targets.get(name)
+        targets.use_compile_only()
+        architecture = plan.architecture(config.model)  # noqa: F841 -- fails fast, one line
+    except (targets.TargetError, ValueError, OSError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+
+    def progress(batch: int, peak: int) -> None:
+        print(f"  compiled batch {batch}: peak {peak / targets.GIB:.2f} GiB per device",
+              file=sys.stderr, flush=True)
+
+    try:
+        report = plan.plan(config, target, int(count or 1), dict(os.environ),
+                           on_compile=progress)
+    except sharding.MeshError as err:
+        raise UserError(str(err)) from None
+    print(plan.format_report(config, report))
+    return 0
 
 
 def _fresh_out(default: str) -> str:
@@ -281,12 +321,6 @@ def prepare(config: TrainConfig) -> Prepared:
 
 # --------------------------------------------------------------------------------------
 # The training loop.
-
-
-def length_buckets(config: TrainConfig) -> tuple[int, int]:
-    """Padded batch lengths: powers of two from 64 up to the longest possible example."""
-    longest = -(-(config.source_len + config.target_len) // 16) * 16
-    return min(64, longest), longest
 
 
 def evaluate(trainer, params, held_out, config: TrainConfig, pad_id: int,

@@ -119,7 +119,9 @@ class Trainer:
             self.merge = falqon_update(config.top_k, rule=config.rule, reset=config.reset,
                                        rounding=config.rounding, seed=config.seed)
         self.schedule = learning_rate(config)
-        self.train_step = jax.jit(self._under_mesh(self._train_step), donate_argnums=(0,))
+        self.step_fn = self._under_mesh(self._train_step)
+        """The traceable step ``(state, tokens, mask, attention) -> (state, metrics)``."""
+        self.train_step = jax.jit(self.step_fn, donate_argnums=(0,))
         self.eval_step = jax.jit(self._under_mesh(self._eval_sums))
 
     def _under_mesh(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -142,7 +144,7 @@ class Trainer:
     def sharded_train_step(self, shardings: Any) -> Callable[..., Any]:
         """The jitted train step that keeps the state in ``shardings`` (donating it)."""
         return jax.jit(
-            self._under_mesh(self._train_step), donate_argnums=(0,),
+            self.step_fn, donate_argnums=(0,),
             out_shardings=(shardings, sharding.replicated(self.mesh)),
         )
 
@@ -187,18 +189,25 @@ class Trainer:
             (micro(tokens), micro(mask), micro(attention)),
         )
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
-        falqon_state = state.falqon_state
-        if self.merge is not None:  # b's update -> top-k row merges into the FP8 weights
-            updates, falqon_state = self.merge.update(updates, falqon_state, state.params)
-        params = apply_updates(state.params, updates)
         metrics = {
             "loss": loss_sum / count,
             "grad_norm": _global_norm(grads),
             "lr": self.schedule(state.step),
             "tokens": jnp.sum(attention),
         }
-        return TrainState(params, opt_state, falqon_state, state.step + 1), metrics
+        return self.apply_gradients(state, grads), metrics
+
+    def apply_gradients(self, state: TrainState, grads: Any) -> TrainState:
+        """The optimizer step: ``grads`` (shaped like the trainable part of the params)
+        through clipping + AdamW, FALQON's update rule, then into the params (traceable;
+        the train step and the benchmarks' single-layer steps use it)."""
+        trainable, _ = partition(state.params, self.mask)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
+        falqon_state = state.falqon_state
+        if self.merge is not None:  # b's update -> top-k row merges into the FP8 weights
+            updates, falqon_state = self.merge.update(updates, falqon_state, state.params)
+        params = apply_updates(state.params, updates)
+        return TrainState(params, opt_state, falqon_state, state.step + 1)
 
     def _eval_sums(self, params, tokens, mask, attention):
         """``(loss_sum, token_count)`` on one batch."""
