@@ -54,4 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from falqon_jax.cli import cpu_unless_gpu
+
+    cpu_unless_gpu()
     sys.exit(main())

@@ -200,4 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    from falqon_jax.cli import cpu_unless_gpu
+
+    cpu_unless_gpu()
     sys.exit(main())

@@ -2,6 +2,10 @@
 
 import sys
 
-from falqon_jax.export.cli import main
+from falqon_jax.cli import cpu_unless_gpu
+
+cpu_unless_gpu()
+
+from falqon_jax.export.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -1,0 +1,315 @@
+"""The GPU program, read without a GPU.
+
+Two kinds of tests:
+
+* The reader (:mod:`falqon_jax.gpu_program`) on hand-written HLO whose counts are known
+  (always run).
+* Every train step compiled for a compile-only H100 at LLaMA-7B shapes (the paper's
+  settings: 32 layers, batch 16 x 512, gradient checkpointing, rank 64, bf16) on both GEMM
+  back ends, and the compiled program checked: it compiles, FP8 GEMMs are FP8, nothing
+  widens the FP8 backbone, no e5m2 x e5m2 GEMM, FALQON's FP8 FLOPs are the method's
+  minimum, and its memory fits in 24 GiB. These need JAX's CUDA plugin (``pip install -e
+  ".[h100]"``) and skip without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+
+from falqon_jax import gpu_program, targets
+
+# --------------------------------------------------------------------------------------
+# The reader on hand-written HLO.
+
+HLO = """\
+HloModule m, entry_computation_layout={}
+
+%gemm (p0: f8e4m3fn[64,32], p1: f8e4m3fn[16,32]) -> f32[64,16] {
+  %p0 = f8e4m3fn[64,32]{1,0} parameter(0)
+  %p1 = f8e4m3fn[16,32]{1,0} parameter(1)
+  ROOT %d = f32[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+
+%widen (q0: f8e4m3fn[4,16,32]) -> bf16[16,32] {
+  %q0 = f8e4m3fn[4,16,32]{2,1,0} parameter(0)
+  %c0 = s32[] constant(0)
+  %ds = f8e4m3fn[1,16,32]{2,1,0} dynamic-slice(%q0, %c0, %c0, %c0), dynamic_slice_sizes={1,16,32}
+  %b = f8e4m3fn[16,32]{1,0} bitcast(%ds)
+  ROOT %cv = bf16[16,32]{1,0} convert(%b)
+}
+
+%body (t: (s32[], f8e4m3fn[64,32], f8e4m3fn[4,16,32], bf16[64,32])) -> (s32[], f8e4m3fn[64,32], f8e4m3fn[4,16,32], bf16[64,32]) {
+  %t = (s32[], f8e4m3fn[64,32]{1,0}, f8e4m3fn[4,16,32]{2,1,0}, bf16[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f8e4m3fn[64,32]{1,0} get-tuple-element(%t), index=1
+  %w = f8e4m3fn[4,16,32]{2,1,0} get-tuple-element(%t), index=2
+  %xb = bf16[64,32]{1,0} get-tuple-element(%t), index=3
+  %ws = f8e4m3fn[16,32]{1,0} bitcast(%w)
+  %g = f32[64,16]{1,0} fusion(%x, %ws), kind=kCustom, calls=%gemm, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %wide = bf16[16,32]{1,0} fusion(%w), kind=kLoop, calls=%widen
+  %h = bf16[64,16]{1,0} custom-call(%xb, %wide), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %tr = f8e4m3fn[32,64]{1,0} transpose(%x), dimensions={1,0}
+  ROOT %out = (s32[], f8e4m3fn[64,32]{1,0}, f8e4m3fn[4,16,32]{2,1,0}, bf16[64,32]{1,0}) tuple(%i, %x, %w, %xb)
+}
+
+%cond (c: (s32[], f8e4m3fn[64,32], f8e4m3fn[4,16,32], bf16[64,32])) -> pred[] {
+  %c = (s32[], f8e4m3fn[64,32]{1,0}, f8e4m3fn[4,16,32]{2,1,0}, bf16[64,32]{1,0}) parameter(0)
+  ROOT %k = pred[] constant(false)
+}
+
+ENTRY %main (a: f8e4m3fn[64,32], w: f8e4m3fn[4,16,32], xb: bf16[64,32]) -> f8e4m3fn[64,32] {
+  %a = f8e4m3fn[64,32]{1,0} parameter(0)
+  %w = f8e4m3fn[4,16,32]{2,1,0} parameter(1)
+  %xb = bf16[64,32]{1,0} parameter(2)
+  %z = s32[] constant(0)
+  %init = (s32[], f8e4m3fn[64,32]{1,0}, f8e4m3fn[4,16,32]{2,1,0}, bf16[64,32]{1,0}) tuple(%z, %a, %w, %xb)
+  %loop = (s32[], f8e4m3fn[64,32]{1,0}, f8e4m3fn[4,16,32]{2,1,0}, bf16[64,32]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %r = f8e4m3fn[64,32]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_reader_counts_gemms_per_step_through_the_loop():
+    program = gpu_program.parse(HLO)
+    assert program.entry == "main"
+    assert program.calls_per_step["body"] == 4 and program.calls_per_step["gemm"] == 4
+    gemms = {g.name: g for g in gpu_program.gemms(program)}
+    fp8, widened = gemms["d"], gemms["h"]
+    assert (fp8.kernel, fp8.fp8, fp8.precision, fp8.calls) == ("triton", True, "fp8", 4)
+    assert fp8.flops == 2 * 64 * 16 * 32 and fp8.flops_per_step == 4 * 2 * 64 * 16 * 32
+    assert (widened.kernel, widened.fp8, widened.precision) == ("cublas", False, "bf16")
+    assert widened.widened == ("f8e4m3fn[16,32]->bf16",)  # found inside the fusion
+    assert fp8.widened == ()
+
+
+def test_reader_finds_fp8_transposes_and_the_bytes_of_each_kernel():
+    program = gpu_program.parse(HLO)
+    moves = gpu_program.fp8_layout_moves(program, large=1)
+    assert [(m.name, m.opcode, m.dims, m.calls) for m in moves] == [
+        ("tr", "transpose", (32, 64), 4)]
+    assert moves[0].bytes_per_step == 4 * 2 * 32 * 64
+    kernels = {k.name: k for k in gpu_program.kernels(program)}
+    assert set(kernels) == {"g", "wide", "h", "tr"}
+    # the widening fusion reads one layer's slice of the stacked weight, not all 4
+    assert (kernels["wide"].read, kernels["wide"].written) == (16 * 32, 2 * 16 * 32)
+    assert (kernels["g"].read, kernels["g"].written) == (64 * 32 + 16 * 32, 4 * 64 * 16)
+    assert kernels["g"].precision == "fp8" and kernels["h"].precision == "bf16"
+    assert (kernels["h"].read, kernels["h"].written) == (2 * 64 * 32 + 2 * 16 * 32, 2 * 64 * 16)
+
+
+def test_roofline_is_the_per_kernel_maximum_of_flops_and_bytes():
+    program = gpu_program.parse(HLO)
+    peaks = {"fp8": 2e3, "bf16": 1e3, "f16": 1e3, "f32": 5e2}
+    bandwidth = 1e2
+    bound = gpu_program.roofline(program, peaks, bandwidth)
+    expected = {  # per call: (flops / peak, bytes / bandwidth), 4 calls each
+        "g": (2 * 64 * 16 * 32 / 2e3, (64 * 32 + 16 * 32 + 4 * 64 * 16) / 1e2),
+        "wide": (0.0, (16 * 32 + 2 * 16 * 32) / 1e2),
+        "h": (2 * 64 * 16 * 32 / 1e3, (2 * 64 * 32 + 2 * 16 * 32 + 2 * 64 * 16) / 1e2),
+        "tr": (0.0, 2 * 32 * 64 / 1e2),
+    }
+    assert bound.compute_s == pytest.approx(4 * sum(c for c, _ in expected.values()))
+    assert bound.memory_s == pytest.approx(4 * sum(m for _, m in expected.values()))
+    assert bound.bound_s == pytest.approx(4 * sum(max(c, m) for c, m in expected.values()))
+    assert bound.flops == {"fp8": 4 * 2 * 64 * 16 * 32, "bf16": 4 * 2 * 64 * 16 * 32}
+
+
+def test_largest_batch_search_doubles_then_bisects():
+    from falqon_jax.train.plan import _largest_fitting
+
+    for capacity, expected in [(0, None), (7, None), (8, 8), (40, 40), (100, 96), (4096, 4096)]:
+        tried = []
+
+        def fits(batch, capacity=capacity, tried=tried):
+            tried.append(batch)
+            return batch <= capacity
+
+        assert _largest_fitting(fits, 16, 8) == expected
+        assert all(b % 8 == 0 for b in tried) and len(tried) == len(set(tried))
+
+
+# --------------------------------------------------------------------------------------
+# Compiled for an H100, at LLaMA-7B shapes.
+
+needs_plugin = pytest.mark.skipif(not targets.plugin_installed(),
+                                  reason='needs JAX\'s CUDA plugin: pip install -e ".[h100]"')
+H100 = "h100"
+RANK, TOKENS = 64, 16 * 512
+
+
+@functools.cache
+def compiled_row(method: str, backend: str) -> dict:
+    """The ``bench gpu`` row of ``method``'s LLaMA-7B train step (compiled once per process)."""
+    from falqon_jax import sharding
+    from falqon_jax.bench import cases, gpu
+
+    targets.use_compile_only()
+    target = targets.get(H100)
+    settings = cases.Settings(methods=(method,), shapes=(), tokens=TOKENS, rank=RANK,
+                              model_card="llama-7b", model_layers=0, batch=16, seq=512,
+                              top_k=10, remat=True, seed=0)
+    mesh = targets.target_mesh(target, (1, 1), sharding.AXES)
+    case = cases.model_case(method, settings, mesh)
+    compiled = gpu.compile_case(case, mesh, targets.GEMM_BACKENDS[backend])
+    row = gpu.program_row(case, compiled, target, backend, {}, 0.0)
+    row["program"] = gpu_program.parse(compiled.as_text())
+    return row
+
+
+BACKENDS = tuple(targets.GEMM_BACKENDS)
+
+
+@needs_plugin
+@pytest.mark.parametrize("method", ["falqon_paper", "falqon_reference", "falqon_visible_merge",
+                                    "falqon_paper_stochastic", "falqon_paper_feedback",
+                                    "qlora", "full"])
+def test_every_method_compiles_for_an_h100_on_both_backends(method):
+    for backend in BACKENDS:
+        row = compiled_row(method, backend)
+        assert row["e5m2_x_e5m2_gemms"] == 0
+        if method.startswith("falqon"):
+            _check_falqon(row)
+        else:
+            assert row["fp8_gemms"] == 0 and not row["widened_fp8"]
+
+
+def _backbone_shapes() -> set[tuple[int, int]]:
+    from falqon_jax.model.config import load_card
+    from falqon_jax.model.llama import linear_shapes
+
+    shapes = set()
+    for target, (out, in_features) in linear_shapes(load_card("llama-7b")).items():
+        if target != "lm_head":
+            shapes |= {(out, in_features), (out + RANK, in_features)}
+    return shapes
+
+
+def _check_falqon(row: dict) -> None:
+    """Every GEMM that reads the FP8 backbone is an FP8 GEMM, and the only FP8 data widened
+    is the rank rows of ``A`` for the live ``b``'s bf16 GEMM ``(g b) A``."""
+    gemms = gpu_program.gemms(row["program"])
+    backbone = [g for g in gemms if {g.lhs[1][-2:], g.rhs[1][-2:]} & _backbone_shapes()
+                and max(len(g.lhs[1]), len(g.rhs[1])) == 2]
+    # per layer: 7 forward melded GEMMs, 6 recomputed (down_proj's is not), 7 for dL/dx
+    assert sum(g.calls for g in backbone) == 32 * (7 + 6 + 7), [g.describe() for g in backbone]
+    assert all(g.fp8 for g in backbone), [g.describe() for g in backbone if not g.fp8]
+    for source in row["widened_fp8"]:  # e.g. f8e4m3fn[64,4096]->f32, or all layers' A
+        dims = [int(d) for d in source.split("[")[1].split("]")[0].split(",")]
+        assert source.startswith("f8e4m3fn[") and dims[-2] == RANK, row["widened_fp8"]
+
+
+@needs_plugin
+def test_falqon_h100_program_fp8_flops_are_the_minimum_and_it_fits_in_24_gib():
+    """The paper's LLaMA-7B step (batch 16 x 512, remat, rank 64, bf16) compiled for an H100:
+    FALQON's FP8 GEMM FLOPs are within 1% of the minimum the method needs (no melded GEMM
+    recomputed only for ``A x``) and below fp8_lora's; it peaks under 24 GiB and below
+    fp8_lora and LoRA; fp8_lora (which needed an optimization barrier) compiles; no method
+    runs an e5m2 x e5m2 GEMM."""
+    for backend in BACKENDS:
+        falqon, fp8_lora, lora = (compiled_row(m, backend) for m in ("falqon", "fp8_lora", "lora"))
+        for row in (falqon, fp8_lora, lora):
+            assert "error" not in row and row["e5m2_x_e5m2_gemms"] == 0
+        minimum = falqon["fp8_tflop_minimum"]
+        assert minimum <= falqon["fp8_tflop"] <= 1.01 * minimum, (falqon["fp8_tflop"], minimum)
+        assert falqon["fp8_tflop"] < fp8_lora["fp8_tflop"]
+        assert fp8_lora["fp8_tflop"] == pytest.approx(fp8_lora["fp8_tflop_minimum"], rel=1e-3)
+        _check_falqon(falqon)
+        assert not fp8_lora["widened_fp8"] and lora["fp8_gemms"] == 0
+        assert falqon["peak_bytes"] < 24 * targets.GIB
+        assert falqon["peak_bytes"] < min(fp8_lora["peak_bytes"], lora["peak_bytes"])
+
+
+@needs_plugin
+def test_fsdp_step_over_8_h100s_gathers_fp8_weights_as_fp8():
+    """The FSDP step of LLaMA-7B over 8 compile-only H100s: each decoder layer all-gathers
+    its seven FP8 weights as FP8 (1 byte per value) in the forward and again in the
+    backward (they are not kept gathered); ``b`` travels in bf16, a few KiB."""
+    from falqon_jax import sharding
+    from falqon_jax.bench import cases, gpu
+
+    targets.use_compile_only()
+    target = targets.get(H100)
+    settings = cases.Settings(methods=("falqon",), shapes=(), tokens=TOKENS, rank=RANK,
+                              model_card="llama-7b", model_layers=0, batch=16, seq=512,
+                              top_k=10, remat=True, seed=0)
+    mesh = targets.target_mesh(target, (1, 8), sharding.AXES)
+    case = cases.model_case("falqon", settings, mesh)
+    compiled = gpu.compile_case(case, mesh, targets.GEMM_BACKENDS["cublaslt"])
+    row = gpu.collectives_row(case, compiled, target, 8, {})
+    gathers = row["collectives_per_layer"]
+    assert gathers["all-gather f8e4m3fn"]["tensors"] == 2 * 7, gathers
+    # one layer's FP8 weights (out + 64 rows each), an eighth per device, gathered twice
+    shards = (4 * 4160 * 4096 + 2 * 11072 * 4096 + 4160 * 11008) / 8
+    assert gathers["all-gather f8e4m3fn"]["mib"] * 2**20 == 2 * shards
+    assert row["large_gathers_fp8"]
+    # the rest: b (out x 64, cast to bf16 before its gather) of the seven projections, twice
+    b_shards = 2 * (4 * 4096 + 2 * 11008 + 4096) * RANK * 2 / 8
+    wide = {k: v for k, v in gathers.items() if k.startswith("all-gather") and "f8" not in k}
+    assert wide["all-gather bf16"]["mib"] * 2**20 == b_shards, wide
+    assert set(wide) <= {"all-gather bf16", "all-gather f32"}, wide
+    assert wide.get("all-gather f32", {"mib": 0})["mib"] < 0.1, wide  # the two norm weights
+    assert row["peak_bytes"] < compiled_row("falqon", "cublaslt")["peak_bytes"]
+
+
+def test_compile_only_target_configs_are_consistent():
+    for name, target in targets.TARGETS.items():
+        proto = target.config_proto()
+        assert f"device_memory_size: {target.memory_bytes}" in proto and target.name == name
+        assert target.has_fp8 == (target.compute_capability >= (8, 9))
+    with pytest.raises(targets.TargetError, match="choose from h100"):
+        targets.get("v100")
+    assert dataclasses.asdict(targets.get(" H100 ")) == dataclasses.asdict(targets.TARGETS["h100"])
+
+
+# --------------------------------------------------------------------------------------
+# python -m falqon_jax.train ... --plan
+
+
+@needs_plugin
+def test_plan_compiles_the_commands_step_and_finds_the_largest_batch_that_fits(capsys):
+    """``--plan``: the step of the command compiled for a target; with JAX allowed 40 MB
+    of the H100 (XLA_PYTHON_CLIENT_MEM_FRACTION) the largest tiny-model batch that fits is
+    found by compiling; an A100 has no FP8 GEMM (XLA widens the operands)."""
+    import dataclasses as dc
+
+    from falqon_jax.train import plan
+    from falqon_jax.train.config import DEMO
+
+    config = dc.replace(DEMO, batch_size=8, target_len=32, source_len=16)
+    usable = 40e6
+    fraction = usable / targets.get("h100").memory_bytes
+    seen = []
+    report = plan.plan(config, targets.get("h100"), 1,
+                       {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(fraction)},
+                       on_compile=lambda batch, peak: seen.append((batch, peak)))
+    assert report.seq == 48 and report.fits and report.memory["peak"] == seen[0][1]
+    assert report.largest_batch and report.largest_batch % 8 == 0
+    assert report.largest_peak <= report.usable_bytes == int(usable)
+    peaks = dict(seen)
+    assert all(p > usable for b, p in peaks.items() if b > report.largest_batch)
+    assert any(b > report.largest_batch for b in peaks)  # the first batch that does not fit
+    assert report.fp8_gemms > 0 and report.gemms > report.fp8_gemms
+    text = plan.format_report(config, report)
+    assert "fits: yes" in text and f"largest batch that fits: {report.largest_batch}" in text
+
+    a100 = plan.plan(config, targets.get("a100"), 1, {}, search=False)
+    assert a100.fp8_gemms == 0 and a100.widened_fp8 > 0
+    assert "FP8 GEMMs are not available" in plan.format_report(config, a100)
+
+
+@needs_plugin
+@pytest.mark.parametrize("flags, message", [
+    (["--plan", "v100"], "unknown GPU target 'v100'"),
+    (["--plan", "h100:0"], "positive integer"),
+    (["--plan", "h100:3"], "does not divide over 3 devices"),
+    (["--model", "no-such-card", "--plan", "h100"], "unknown model card 'no-such-card'"),
+])
+def test_plan_mistakes_are_one_line(flags, message, capsys):
+    from falqon_jax.train.run import main
+
+    assert main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
