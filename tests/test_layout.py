@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "falqon_jax"
 
 # Layer of each top-level part; a module may import its own layer's modules and lower layers.
 LAYERS = {
-    "falqon_jax.fp8": 0, "falqon_jax.sharding": 0, "falqon_jax.cli": 0,
+    "falqon_jax.fp8": 0, "falqon_jax.sharding": 0, "falqon_jax.cli": 0, "falqon_jax.hub": 0,
     "falqon_jax.melded": 1, "falqon_jax.optax": 1,
     "falqon_jax.baselines": 2,
     "falqon_jax.model": 3, "falqon_jax": 3,  # the package root only offers load_model
