@@ -1,5 +1,6 @@
 """Generation: greedy decoding against transformers, the KV cache against the full forward,
-top-p sampling, EOS handling and the ``python -m falqon_jax.generate`` command line."""
+top-p sampling, EOS handling and the ``python -m falqon_jax.generate`` command line (text
+and token-id prompts; models by Hub name)."""
 
 from __future__ import annotations
 
@@ -193,7 +194,9 @@ def test_cli_text_prompt_matches_transformers(tmp_path, capsys):
         (["--model", str(STORIES), "--prompt-ids", "1", "--top-p", "0"], "--top-p"),
         (["--model", str(STORIES), "--prompt-ids", "1", "--max-new-tokens", "0"], "--max"),
         (["--model", "tiny", "--prompt-ids", "1"], "--init random"),
-        (["--model", "no-such-card", "--prompt-ids", "1"], "no such directory or model card"),
+        (["--model", "no-such-card", "--prompt-ids", "1"], "no such directory, model card"),
+        (["--model", str(STORIES), "--prompt", "hi", "--tokenizer", "/no/such/tokenizer"],
+         "--tokenizer /no/such/tokenizer: tokenizer /no/such/tokenizer is not a directory"),
         (["--model", str(STORIES)], "one of the arguments --prompt --prompt-ids"),
         (["--model", str(STORIES), "--prompt-ids", "1", "--dtype", "fp4"], "invalid choice"),
     ],
@@ -206,3 +209,20 @@ def test_cli_mistakes_are_one_line(args, message, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+@needs_stories
+def test_models_by_hub_name_and_by_card(fake_hub, greedy, capsys, tmp_path, monkeypatch):
+    """``--model org/name`` (and a card naming it as its source) generates what the local
+    directory does."""
+    fake_hub.add("karpathy/stories260K", {p.name: p for p in STORIES.iterdir()})
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "stories.toml").write_text('source = "karpathy/stories260K"\n')
+    monkeypatch.setenv("FALQON_MODELS_DIR", str(cards))
+    for name in ("karpathy/stories260K", "stories"):
+        with highest():
+            code = main(["--model", name, "--prompt-ids", "1", "--max-new-tokens", str(NEW),
+                         "--dtype", "float32", "--ignore-eos"])
+        assert code == 0
+        assert capsys.readouterr().out.strip() == ",".join(map(str, greedy))
