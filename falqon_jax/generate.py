@@ -7,8 +7,9 @@ with ``--method``/``--rank``, default ``full``) or a model card (its Hub ``sourc
 weights, or random weights with ``--init random``).
 
 The prompt is ``--prompt TEXT`` (tokenized with the model's tokenizer, or ``--tokenizer
-DIR|NAME``; a BOS in front where the tokenizer adds one) or ``--prompt-ids 1,2,3`` (token
-ids as given, for models without a tokenizer). The continuation goes to
+DIR|NAME``; a BOS in front where the tokenizer adds one), with ``--chat`` wrapped as a user
+turn in the tokenizer's chat template (``--system`` adds a system turn), or ``--prompt-ids
+1,2,3`` (token ids as given, for models without a tokenizer). The continuation goes to
 stdout: text, or comma-separated ids with
 ``--prompt-ids``. ``--temperature 0`` (the default) is greedy decoding; otherwise
 temperature + top-p (nucleus) sampling, reproducible with ``--seed``. Generation stops at
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1")
     add("--tokenizer", help="tokenizer directory or Hub name (default: the model's, when known)")
+    add("--chat", action="store_true",
+        help="wrap --prompt as a user turn in the tokenizer's chat template (instruct models)")
+    add("--system", help="with --chat: a system message before the prompt")
     add("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     add("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     add("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
@@ -97,6 +101,11 @@ def _check_args(args: argparse.Namespace) -> list[int] | None:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.rank <= 0:
         raise UsageError(f"--rank must be positive, got {args.rank}")
+    if args.chat and args.prompt_ids is not None:
+        raise UsageError("--chat wraps a text --prompt in the chat template; it does not take "
+                         "--prompt-ids")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system needs --chat")
     return None if args.prompt_ids is None else _parse_ids(args.prompt_ids)
 
 
@@ -136,6 +145,26 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
         ids = tokenizer.encode(text)
     bos = leading_bos(tokenizer)  # only where the tokenizer itself adds one
     return ([bos] if bos is not None else []) + list(ids)
+
+
+def encode_chat(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` as one user turn (after an optional ``system`` turn) in the
+    tokenizer's chat template, ending with the template's generation prompt (the assistant
+    header), as training renders chat records: the template's text tokenized without any
+    special tokens added, so the ids are ``apply_chat_template(..., tokenize=True)``'s.
+
+    Raises :class:`UsageError` when the tokenizer has no chat template.
+    """
+    from falqon_jax.train.data import has_chat_template
+
+    if not has_chat_template(tokenizer):
+        raise UsageError("--chat: the tokenizer has no chat template; pass --tokenizer with one "
+                         "(a chat_template in tokenizer_config.json or chat_template.jinja), "
+                         "or drop --chat")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -180,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = None
     if ids is None:
         tokenizer = load_tokenizer(loaded, args.tokenizer)
-        ids = _encode(tokenizer, args.prompt)
+        ids = encode_chat(tokenizer, args.prompt, args.system) if args.chat \
+            else _encode(tokenizer, args.prompt)
         if not ids:
             raise UsageError("--prompt encodes to no tokens")
     vocab = model.config.vocab_size
