@@ -262,18 +262,27 @@ def test_user_errors_print_no_traceback_from_the_command_line(tmp_path):
 
 
 def test_every_recipe_parses():
+    """The paper's runs name the Hub's LLaMA weights and data sets, so each runs as it is."""
     from falqon_jax.train.config import resolve
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "train").glob("*.toml"))
+    recipes = sorted((Path(__file__).resolve().parents[1] / "train").glob("llama-*.toml"))
     assert len(recipes) == 20
     for recipe in recipes:
         config, resume = resolve(["--recipe", str(recipe)])
         assert not resume and config.steps == 1875 and config.lr == 2e-3 and config.top_k == 10
         assert not config.is_demo
+        size = recipe.stem.split("-")[1]
+        assert config.model == f"huggyllama/llama-{size}" and config.data_split == "train"
+        assert config.data == ("tatsu-lab/alpaca" if "-alpaca-" in recipe.stem
+                               else "timdettmers/openassistant-guanaco")
         if recipe.stem.endswith("falqon_paper"):  # the published rule, reproducible
             assert (config.method, config.rule, config.a_scale) == ("falqon", "paper", "natural")
         else:
             assert recipe.stem.endswith(config.method) and config.rule == "visible"
+    config, _ = resolve(["--recipe", str(recipes[0].with_name(
+        "smollm2-135m-capybara-falqon.toml"))])
+    assert (config.model, config.data) == ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                           "trl-lib/Capybara")
 
 
 def test_flags_override_the_demo_one_by_one():
