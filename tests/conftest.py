@@ -1,4 +1,5 @@
-"""Test-session setup: one persistent XLA compilation cache for the whole session.
+"""Test-session setup: one persistent XLA compilation cache for the whole session, an empty
+offline Hugging Face cache, and the ``fake_hub`` fixture.
 
 Many tests compile the same programs (the demo's train step, in this process and in the
 subprocesses of the CLI and mesh tests); with the cache, those that take a second or more
@@ -12,6 +13,14 @@ import tempfile
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Set before JAX initialises; subprocesses inherit it through the environment.
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="falqon-jax-xla-cache-")
+
+# No test reaches the real Hugging Face Hub or touches the user's Hugging Face caches: an
+# empty cache per session, offline (set before huggingface_hub and datasets read them at
+# import; subprocesses inherit them). Tests of Hub names use the ``fake_hub`` fixture below.
+_HF_HOME = tempfile.mkdtemp(prefix="falqon-jax-hf-home-")
+os.environ.update(HF_HOME=_HF_HOME, HF_HUB_CACHE=os.path.join(_HF_HOME, "hub"),
+                  HF_DATASETS_CACHE=os.path.join(_HF_HOME, "datasets"), HF_HUB_OFFLINE="1")
+os.environ.pop("HF_TOKEN", None)
 
 
 import pytest  # noqa: E402
