@@ -19,6 +19,7 @@ Every failure raises :class:`HubError` with one line that says what is wrong and
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -69,23 +70,20 @@ class Snapshot:
     repo_type: str
     directory: Path
     files: tuple[str, ...]
-    listed: bool = True  # False: offline without a listing, ``files`` are the cached ones
+    listed: bool = True
 
     @property
     def commit(self) -> str:
         return self.directory.name
 
 
-def open_snapshot(name: HubName, repo_type: str = "model",
-                  first: Iterable[str] = ()) -> Snapshot:
+def open_snapshot(name: HubName, repo_type: str, first: Iterable[str]) -> Snapshot:
     """Resolve ``name`` to a commit, fetch the files of ``first`` the repository has (small
     ones: a config, an index, a README) and list its files.
 
     ``repo_type`` is ``"model"`` or ``"dataset"``. Online this asks the Hub (two requests
     plus the files); offline it reads the cache. Raises :class:`HubError`.
     """
-    import logging
-
     from huggingface_hub import snapshot_download
 
     quiet = logging.getLogger("huggingface_hub._snapshot_download")
@@ -94,7 +92,7 @@ def open_snapshot(name: HubName, repo_type: str = "model",
     try:
         directory = Path(_call(name, repo_type, lambda: snapshot_download(
             name.repo_id, repo_type=repo_type, revision=name.revision,
-            allow_patterns=[_exact(f) for f in first] or ["README.md"],
+            allow_patterns=[_exact(f) for f in first],
             tqdm_class=_quiet_tqdm())))
     finally:
         quiet.setLevel(level)
