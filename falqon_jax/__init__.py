@@ -15,7 +15,8 @@ __all__ = ["load_model"]
 
 
 def load_model(path_or_card: str | os.PathLike[str], **kwargs: Any) -> LlamaModel:
-    """Load a LLaMA checkpoint or model card; see :func:`falqon_jax.model.loading.load_model`."""
+    """Load a LLaMA: a checkpoint directory, a Hugging Face Hub name (``org/name[@revision]``)
+    or a model card; see :func:`falqon_jax.model.loading.load_model`."""
     from falqon_jax.model.loading import load_model as _load_model
 
     return _load_model(path_or_card, **kwargs)

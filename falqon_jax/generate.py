@@ -1,12 +1,16 @@
 """``python -m falqon_jax.generate``: continue a prompt with a trained or converted model.
 
 ``--model`` takes a training run (``OUT``: its latest checkpoint), one checkpoint
-(``OUT/checkpoints/STEP``), an FP8 export, a Hugging Face LLaMA directory (converted with
-``--method``/``--rank``, default ``full``) or a model card (with ``--init random``).
+(``OUT/checkpoints/STEP``), an FP8 export, a Hugging Face LLaMA checkpoint -- a directory or
+a Hub name, ``org/name[@revision]``, downloaded into the Hugging Face cache -- (converted
+with ``--method``/``--rank``, default ``full``) or a model card (its Hub ``source``'s
+weights, or random weights with ``--init random``).
 
 The prompt is ``--prompt TEXT`` (tokenized with the model's tokenizer, or ``--tokenizer
-DIR``; BOS is prepended) or ``--prompt-ids 1,2,3`` (token ids as given, for models without
-a tokenizer). The continuation goes to stdout: text, or comma-separated ids with
+DIR|NAME``; a BOS in front where the tokenizer adds one), with ``--chat`` wrapped as a user
+turn in the tokenizer's chat template (``--system`` adds a system turn), or ``--prompt-ids
+1,2,3`` (token ids as given, for models without a tokenizer). The continuation goes to
+stdout: text, or comma-separated ids with
 ``--prompt-ids``. ``--temperature 0`` (the default) is greedy decoding; otherwise
 temperature + top-p (nucleus) sampling, reproducible with ``--seed``. Generation stops at
 the end-of-sequence token unless ``--ignore-eos``.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from falqon_jax.cli import OneLineParser
@@ -37,15 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m falqon_jax.generate",
         description="Generate a continuation with a training run, run checkpoint, FP8 "
-        "export, Hugging Face LLaMA directory or model card.",
+        "export, Hugging Face LLaMA checkpoint (a directory or a Hub name) or model card.",
     )
     add = p.add_argument
     add("--model", required=True,
-        help="run directory, OUT/checkpoints/STEP, FP8 export, HF directory or model card")
+        help="run directory, OUT/checkpoints/STEP, FP8 export, Hugging Face directory or Hub "
+        "name (org/name[@revision]), or model card")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1")
-    add("--tokenizer", help="tokenizer directory (default: the model's, when known)")
+    add("--tokenizer", help="tokenizer directory or Hub name (default: the model's, when known)")
+    add("--chat", action="store_true",
+        help="wrap --prompt as a user turn in the tokenizer's chat template (instruct models)")
+    add("--system", help="with --chat: a system message before the prompt")
     add("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     add("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     add("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
@@ -94,19 +101,30 @@ def _check_args(args: argparse.Namespace) -> list[int] | None:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.rank <= 0:
         raise UsageError(f"--rank must be positive, got {args.rank}")
-    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
-        raise UsageError(f"--tokenizer {args.tokenizer} is not a directory")
+    if args.chat and args.prompt_ids is not None:
+        raise UsageError("--chat wraps a text --prompt in the chat template; it does not take "
+                         "--prompt-ids")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system needs --chat")
     return None if args.prompt_ids is None else _parse_ids(args.prompt_ids)
 
 
 def load_tokenizer(loaded: Loaded, override: str | None) -> Any:
-    """The tokenizer for ``loaded``: ``override``, the demo's character tokenizer, or the
-    Hugging Face tokenizer next to the weights; ``UsageError`` if there is none."""
+    """The tokenizer for ``loaded``: ``override`` (a directory or Hub name), the demo's
+    character tokenizer, or the Hugging Face tokenizer next to the weights; ``UsageError`` if
+    there is none."""
     if override is None and loaded.demo:
         from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
-    source = override or loaded.tokenizer_dir
+    source = loaded.tokenizer_dir
+    if override is not None:
+        from falqon_jax.model.resolve import tokenizer_directory
+
+        try:
+            source = tokenizer_directory(override)
+        except ValueError as err:
+            raise UsageError(f"--tokenizer {override}: {str(err).splitlines()[0]}") from None
     if source is None:
         raise UsageError(
             "this model has no known tokenizer: pass --tokenizer DIR, or --prompt-ids"
@@ -117,7 +135,7 @@ def load_tokenizer(loaded: Loaded, override: str | None) -> Any:
         return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load a tokenizer from {source}: {first}") from None
+        raise UsageError(f"cannot load a tokenizer from {override or source}: {first}") from None
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -127,6 +145,26 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
         ids = tokenizer.encode(text)
     bos = leading_bos(tokenizer)  # only where the tokenizer itself adds one
     return ([bos] if bos is not None else []) + list(ids)
+
+
+def encode_chat(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` as one user turn (after an optional ``system`` turn) in the
+    tokenizer's chat template, ending with the template's generation prompt (the assistant
+    header), as training renders chat records: the template's text tokenized without any
+    special tokens added, so the ids are ``apply_chat_template(..., tokenize=True)``'s.
+
+    Raises :class:`UsageError` when the tokenizer has no chat template.
+    """
+    from falqon_jax.train.data import has_chat_template
+
+    if not has_chat_template(tokenizer):
+        raise UsageError("--chat: the tokenizer has no chat template; pass --tokenizer with one "
+                         "(a chat_template in tokenizer_config.json or chat_template.jinja), "
+                         "or drop --chat")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -153,14 +191,15 @@ def run(args: argparse.Namespace) -> int:
     from falqon_jax.sources import kind_of, load_any
 
     if kind_of(args.model) == "card":
-        from falqon_jax.model.config import available_cards
+        from falqon_jax.model.config import available_cards, card_source
 
         if args.model not in available_cards():
-            raise UsageError(f"--model {args.model}: no such directory or model card")
-        if args.init is None:
+            raise UsageError(f"--model {args.model}: no such directory, model card or Hugging "
+                             "Face Hub name (org/name)")
+        if args.init is None and card_source(args.model) is None:
             raise UsageError(
-                f"--model {args.model} is a model card without weights: pass --init random "
-                "for random weights"
+                f"--model {args.model} is a model card without weights (it names no Hub "
+                "source): pass --init random for random weights"
             )
     with warnings.catch_warnings():  # unconverted-layer notices are not news here
         warnings.simplefilter("ignore", UserWarning)
@@ -170,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = None
     if ids is None:
         tokenizer = load_tokenizer(loaded, args.tokenizer)
-        ids = _encode(tokenizer, args.prompt)
+        ids = encode_chat(tokenizer, args.prompt, args.system) if args.chat \
+            else _encode(tokenizer, args.prompt)
         if not ids:
             raise UsageError("--prompt encodes to no tokens")
     vocab = model.config.vocab_size

@@ -1,5 +1,6 @@
 """Load a model for inference from wherever it lives: a training run, one of its
-checkpoints, a Hugging Face checkpoint, an FP8 export, or a model card.
+checkpoints, a Hugging Face checkpoint (a directory or a Hub name), an FP8 export, or a model
+card.
 
 :func:`kind_of` tells what a path holds and :func:`load_any` picks the loader for it (for
 the ``generate`` and ``export`` command-line tools): :func:`falqon_jax.train.runs.load_run`
@@ -16,6 +17,7 @@ from typing import Any
 
 from falqon_jax.model.llama import LlamaModel
 from falqon_jax.model.loading import DTYPES, LoadError
+from falqon_jax.model.resolve import classify, model_directory, tokenizer_directory
 from falqon_jax.train.runs import (
     CHECKPOINTS,
     is_checkpoint_dir,
@@ -27,11 +29,13 @@ from falqon_jax.train.runs import (
 
 def kind_of(path: str | os.PathLike[str]) -> str:
     """What ``path`` is: ``"run"``, ``"checkpoint"`` (``OUT/checkpoints/N``), ``"fp8"`` (an
-    FP8 export), ``"hf"`` (a Hugging Face checkpoint), ``"card"`` (a name that is not a
-    path) or ``"missing"``/``"unknown"``."""
+    FP8 export), ``"hf"`` (a Hugging Face checkpoint directory), ``"hub"`` (a Hugging Face Hub
+    name, ``org/name[@revision]``, that is no local path), ``"card"`` (a name without a
+    slash) or ``"missing"``/``"unknown"``."""
     p = Path(path)
     if not p.exists():
-        return "missing" if os.sep in str(path) or "/" in str(path) else "card"
+        kind = classify(path)
+        return kind if kind in ("hub", "card") else "missing"
     if not p.is_dir():
         return "unknown"
     if is_checkpoint_dir(p):
@@ -81,12 +85,14 @@ def load_any(
     seed: int = 0,
     init: str | None = None,
 ) -> Loaded:
-    """Load ``source``: a run, a run checkpoint, an FP8 export, a Hugging Face directory or
-    a model card.
+    """Load ``source``: a run, a run checkpoint, an FP8 export, a Hugging Face directory, a
+    Hugging Face Hub name or a model card.
 
-    ``method``/``rank``/``alpha`` convert a Hugging Face directory or card (see
+    ``method``/``rank``/``alpha`` convert a Hugging Face checkpoint or card (see
     :func:`falqon_jax.model.loading.load_model`); runs and FP8 exports bring their own. ``dtype``
-    defaults to the run's, else ``"bfloat16"``. ``init="random"`` is needed for a card.
+    defaults to the run's, else ``"bfloat16"``. A Hub name, or a card's Hub ``source``, is
+    downloaded into the Hugging Face cache (or read from it offline); ``init="random"`` gives
+    random weights instead (a card's architecture; a Hub model's from its config alone).
     Raises :class:`LoadError` with a one-line message for anything unusable.
     """
     if dtype is not None and dtype not in DTYPES:
@@ -95,9 +101,7 @@ def load_any(
     path = Path(source)
     if kind in ("run", "checkpoint"):
         model, config = load_run(path, dtype=dtype)
-        tok = config.tokenizer_source
-        tok_dir = Path(tok) if tok is not None and _has_tokenizer(Path(tok)) else None
-        return Loaded(model, kind, tok_dir, config)
+        return Loaded(model, kind, _run_tokenizer(config), config)
     if kind == "missing":
         raise LoadError(f"{source} does not exist")
     if kind == "unknown":
@@ -106,6 +110,9 @@ def load_any(
             "FP8 export"
         )
     try:
+        if kind in ("hub", "card") and not (kind == "card" and init == "random"):
+            path = model_directory(source, weights=init != "random")  # download once, here
+            kind = "hub"
         if kind == "fp8":
             from falqon_jax.export.reader import load_fp8_export
 
@@ -113,10 +120,23 @@ def load_any(
         else:
             from falqon_jax.model.loading import load_model
 
-            model = load_model(source, method=method, rank=rank, alpha=alpha,
-                               dtype=dtype or "bfloat16", init=init, seed=seed)
+            model = load_model(path if kind == "hub" else source, method=method, rank=rank,
+                               alpha=alpha, dtype=dtype or "bfloat16", init=init, seed=seed)
     except (ValueError, OSError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoadError(message) from None
-    tok_dir = path if kind in ("hf", "fp8") and _has_tokenizer(path) else None
+    tok_dir = path if kind in ("hf", "fp8", "hub") and _has_tokenizer(path) else None
     return Loaded(model, kind, tok_dir)
+
+
+def _run_tokenizer(config: Any) -> Path | None:
+    """The directory of a run's Hugging Face tokenizer (its ``--tokenizer`` or model's: a
+    directory, or a Hub model's files in the cache), if it has one."""
+    if config.is_demo or config.tokenizer == "char" \
+            or classify(config.tokenizer_source) in ("missing", "file"):
+        return None
+    try:
+        directory = tokenizer_directory(config.tokenizer_source)
+    except ValueError as err:
+        raise LoadError(str(err).splitlines()[0]) from None
+    return directory if directory is not None and _has_tokenizer(directory) else None

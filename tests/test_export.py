@@ -623,6 +623,20 @@ def test_cli_hf_export_copies_the_tokenizer(tmp_path, capsys):
     assert "Hugging Face checkpoint" in capsys.readouterr().out
 
 
+def test_cli_exports_a_hub_model_as_it_exports_its_directory(fake_hub, tmp_path, capsys):
+    fake_hub.add("karpathy/stories260K", {p.name: p for p in STORIES.iterdir()})
+    for source, out in [("karpathy/stories260K", tmp_path / "hub"),
+                        (str(STORIES), tmp_path / "dir")]:
+        assert run_cli(["--checkpoint", source, "--out", str(out), "--format", "fp8",
+                        "--method", "falqon", "--rank", "16"]) == 0
+    assert "exported Hugging Face Hub model karpathy/stories260K" in capsys.readouterr().out
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "hub" / name).read_bytes() == (tmp_path / "dir" / name).read_bytes()
+    assert run_cli(["--checkpoint", "tiny", "--out", str(tmp_path / "x")]) == 2
+    assert "neither a directory, a Hugging Face Hub name nor a model card with weights" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -1,5 +1,6 @@
 """Generation: greedy decoding against transformers, the KV cache against the full forward,
-top-p sampling, EOS handling and the ``python -m falqon_jax.generate`` command line."""
+top-p sampling, EOS handling and the ``python -m falqon_jax.generate`` command line (text,
+chat and token-id prompts; models by Hub name)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from falqon_jax.model.generation import generate, sample_logits
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
 LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama"
+SMOL = SHARED / "models" / "smollm2-135m-instruct"  # its tokenizer and chat template
 NEW = 40  # greedy tokens compared with transformers
 BATCH_NEW = 12  # tokens generated for the batched prompts (one compiled program)
 
@@ -193,7 +195,13 @@ def test_cli_text_prompt_matches_transformers(tmp_path, capsys):
         (["--model", str(STORIES), "--prompt-ids", "1", "--top-p", "0"], "--top-p"),
         (["--model", str(STORIES), "--prompt-ids", "1", "--max-new-tokens", "0"], "--max"),
         (["--model", "tiny", "--prompt-ids", "1"], "--init random"),
-        (["--model", "no-such-card", "--prompt-ids", "1"], "no such directory or model card"),
+        (["--model", "no-such-card", "--prompt-ids", "1"], "no such directory, model card"),
+        (["--model", str(STORIES), "--prompt-ids", "1", "--chat"], "does not take --prompt-ids"),
+        (["--model", str(STORIES), "--prompt", "hi", "--system", "x"], "--system needs --chat"),
+        (["--model", str(STORIES), "--prompt", "hi", "--chat", "--tokenizer",
+          str(LLAMA_TOKENIZER)], "--chat: the tokenizer has no chat template"),
+        (["--model", str(STORIES), "--prompt", "hi", "--tokenizer", "/no/such/tokenizer"],
+         "--tokenizer /no/such/tokenizer: tokenizer /no/such/tokenizer is not a directory"),
         (["--model", str(STORIES)], "one of the arguments --prompt --prompt-ids"),
         (["--model", str(STORIES), "--prompt-ids", "1", "--dtype", "fp4"], "invalid choice"),
     ],
@@ -206,3 +214,52 @@ def test_cli_mistakes_are_one_line(args, message, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.skipif(not SMOL.is_dir(), reason=f"{SMOL} not present")
+def test_chat_prompts_are_the_templates_and_generate_as_transformers(tmp_path, capsys):
+    """``--chat``: the prompt becomes exactly the ids of transformers' own
+    ``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``, and a random
+    LLaMA with SmolLM2's vocabulary continues them as transformers' ``generate`` does."""
+    from falqon_jax.generate import encode_chat
+
+    tok = transformers.AutoTokenizer.from_pretrained(SMOL)
+    prompt, system = "Name a colour.", "Answer in one word."
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert encode_chat(tok, prompt, system) == ids
+    assert encode_chat(tok, prompt) == tok.apply_chat_template(
+        messages[1:], add_generation_prompt=True)["input_ids"]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        initializer_range=0.5, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6,
+                          min_new_tokens=6)[0, len(ids):].tolist()
+    with highest():
+        code = main(["--model", str(tmp_path / "m"), "--tokenizer", str(SMOL), "--chat",
+                     "--system", system, "--prompt", prompt, "--max-new-tokens", "6",
+                     "--dtype", "float32", "--ignore-eos"])
+    assert code == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(ref, skip_special_tokens=True)
+
+
+@needs_stories
+def test_models_by_hub_name_and_by_card(fake_hub, greedy, capsys, tmp_path, monkeypatch):
+    """``--model org/name`` (and a card naming it as its source) generates what the local
+    directory does."""
+    fake_hub.add("karpathy/stories260K", {p.name: p for p in STORIES.iterdir()})
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "stories.toml").write_text('source = "karpathy/stories260K"\n')
+    monkeypatch.setenv("FALQON_MODELS_DIR", str(cards))
+    for name in ("karpathy/stories260K", "stories"):
+        with highest():
+            code = main(["--model", name, "--prompt-ids", "1", "--max-new-tokens", str(NEW),
+                         "--dtype", "float32", "--ignore-eos"])
+        assert code == 0
+        assert capsys.readouterr().out.strip() == ",".join(map(str, greedy))

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "falqon_jax"
 
 # Layer of each top-level part; a module may import its own layer's modules and lower layers.
 LAYERS = {
-    "falqon_jax.fp8": 0, "falqon_jax.sharding": 0, "falqon_jax.cli": 0,
+    "falqon_jax.fp8": 0, "falqon_jax.sharding": 0, "falqon_jax.cli": 0, "falqon_jax.hub": 0,
     "falqon_jax.targets": 0, "falqon_jax.gpu_program": 0,
     "falqon_jax.melded": 1, "falqon_jax.optax": 1,
     "falqon_jax.baselines": 2,

@@ -137,17 +137,63 @@ def hf_checkpoint(tmp_path_factory):
     return path
 
 
-def test_fine_tunes_a_checkpoint_on_alpaca(tmp_path, capsys, hf_checkpoint):
+@pytest.mark.skipif(not (ALPACA.is_file() and LLAMA_TOKENIZER.is_dir()),
+                    reason="shared data not present")
+def test_the_headline_command_fine_tunes_the_cards_hub_weights_on_a_hub_data_set(
+        tmp_path, capsys, monkeypatch, hf_checkpoint, fake_hub):
+    """``--model llama-7b --data tatsu-lab/alpaca``: the card's source, huggyllama/llama-7b
+    (here a small random LLaMA with LLaMA's tokenizer, served by the stand-in Hub of
+    ``tests/hub_server.py``), and the data set are fetched into the Hugging Face cache; the
+    run trains with the model's own tokenizer, and reads back offline with it."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from huggingface_hub import constants
+
+    from falqon_jax.sources import load_any
+
+    files = {p.name: p for p in [*hf_checkpoint.iterdir(), *LLAMA_TOKENIZER.iterdir()]}
+    fake_hub.add("huggyllama/llama-7b", files)
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(json.loads(ALPACA.read_text())), sink)
+    fake_hub.add("tatsu-lab/alpaca", {"data/train-00000-of-00001.parquet": sink.getvalue()},
+                 repo_type="dataset")
     out = tmp_path / "run"
-    code, stdout, err = _run(capsys, "--model", hf_checkpoint, "--tokenizer", LLAMA_TOKENIZER,
-                             "--data", ALPACA, "--rank", 16, "--batch-size", 4, "--steps", 3,
+    code, stdout, err = _run(capsys, "--model", "llama-7b", "--data", "tatsu-lab/alpaca",
+                             "--rank", 16, "--batch-size", 4, "--steps", 2,
                              "--target-len", 32, "--eval-size", 8, "--out", out, "--log-every",
                              1, "--dtype", "float32", *QUICK)
     assert code == 0, err
     assert "992 train / 8 held-out" in err + stdout
     # source-len 16 (the paper's) truncates every Alpaca prompt; the log counts them.
     assert "992 truncated" in err + stdout
-    assert len(_metrics(out)) == 3
+    assert len(_metrics(out)) == 2
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["model"], saved["data"], saved["data_split"]) == (
+        "llama-7b", "tatsu-lab/alpaca", "train")
+    fake_hub.stop()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = load_any(out)  # what generate and export do with the run
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--huggyllama--llama-7b" / "snapshots"
+    assert loaded.kind == "run" and loaded.tokenizer_dir.parent == snapshot
+    assert loaded.model.config.vocab_size == 32000
+
+
+def test_the_headline_command_offline_without_the_weights_is_one_line(tmp_path, capsys,
+                                                                       monkeypatch, fake_hub):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = _run(capsys, "--model", "llama-7b", "--data", tmp_path / "x.json",
+                  "--out", tmp_path / "out")
+    lines = result[2].strip().splitlines()
+    assert result[0] == 2 and len(lines) == 1, result
+    assert lines[0].startswith("error: model card 'llama-7b' names its weights "
+                               "huggyllama/llama-7b: huggyllama/llama-7b is neither a local path "
+                               "nor a model in the Hugging Face cache"), lines
+    assert "HF_HUB_OFFLINE is set" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def _bad_file(tmp_path, name, text):
@@ -212,22 +258,31 @@ def test_user_errors_print_no_traceback_from_the_command_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: data file {tmp_path / 'nope.json'} does not exist; pass --data PATH to an "
-        "existing file"]
+        "existing file or a Hugging Face Hub data set name (org/name)"]
 
 
 def test_every_recipe_parses():
+    """The paper's runs name the Hub's LLaMA weights and data sets, so each runs as it is."""
     from falqon_jax.train.config import resolve
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "train").glob("*.toml"))
+    recipes = sorted((Path(__file__).resolve().parents[1] / "train").glob("llama-*.toml"))
     assert len(recipes) == 20
     for recipe in recipes:
         config, resume = resolve(["--recipe", str(recipe)])
         assert not resume and config.steps == 1875 and config.lr == 2e-3 and config.top_k == 10
         assert not config.is_demo
+        size = recipe.stem.split("-")[1]
+        assert config.model == f"huggyllama/llama-{size}" and config.data_split == "train"
+        assert config.data == ("tatsu-lab/alpaca" if "-alpaca-" in recipe.stem
+                               else "timdettmers/openassistant-guanaco")
         if recipe.stem.endswith("falqon_paper"):  # the published rule, reproducible
             assert (config.method, config.rule, config.a_scale) == ("falqon", "paper", "natural")
         else:
             assert recipe.stem.endswith(config.method) and config.rule == "visible"
+    config, _ = resolve(["--recipe", str(recipes[0].with_name(
+        "smollm2-135m-capybara-falqon.toml"))])
+    assert (config.model, config.data) == ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                           "trl-lib/Capybara")
 
 
 def test_flags_override_the_demo_one_by_one():

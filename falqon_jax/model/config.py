@@ -2,8 +2,9 @@
 
 Model cards are TOML files in the repository's top-level ``models/`` folder (or the folder
 named by the ``FALQON_MODELS_DIR`` environment variable). A card holds the
-:class:`LlamaConfig` fields at top level, an optional ``[rope_scaling]`` table, and the
-informational keys ``description`` and ``source``.
+:class:`LlamaConfig` fields at top level, an optional ``[rope_scaling]`` table, a
+``description`` and, for a published model, ``source``: the Hugging Face Hub name of its
+weights (:func:`card_source`), which ``--model CARD`` fine-tunes.
 """
 
 from __future__ import annotations
@@ -151,22 +152,37 @@ def available_cards() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
 
 
+def _read_card(name: str) -> tuple[Path, dict[str, Any]]:
+    path = models_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown model card {name!r}; available: {', '.join(available_cards()) or 'none'} "
+            f"(in {models_dir()}); or pass a local checkpoint directory or a Hugging Face Hub "
+            "name (org/name)"
+        )
+    with path.open("rb") as f:
+        return path, tomllib.load(f)
+
+
 def load_card(name: str) -> LlamaConfig:
     """The :class:`LlamaConfig` of model card ``name`` (``models/NAME.toml``).
 
     Raises ``ValueError`` listing the available cards when ``name`` is unknown.
     """
-    path = models_dir() / f"{name}.toml"
-    if not path.is_file():
-        raise ValueError(
-            f"unknown model card {name!r}; available: {', '.join(available_cards()) or 'none'} "
-            f"(in {models_dir()})"
-        )
-    with path.open("rb") as f:
-        fields = tomllib.load(f)
+    path, fields = _read_card(name)
     for key in _CARD_INFO_KEYS:
         fields.pop(key, None)
     try:
         return LlamaConfig(**fields)
     except TypeError as err:
         raise ValueError(f"model card {path} is malformed: {err}") from err
+
+
+def card_source(name: str) -> str | None:
+    """The Hugging Face Hub name of card ``name``'s weights (its ``source``, e.g.
+    ``"huggyllama/llama-7b"``), or ``None`` for a card without one (``tiny``).
+
+    Raises ``ValueError`` when ``name`` is unknown, like :func:`load_card`.
+    """
+    source = _read_card(name)[1].get("source")
+    return str(source) if source else None

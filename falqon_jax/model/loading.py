@@ -1,5 +1,5 @@
-"""Build a :class:`~falqon_jax.model.llama.LlamaModel` from a Hugging Face checkpoint or a model
-card.
+"""Build a :class:`~falqon_jax.model.llama.LlamaModel` from a Hugging Face checkpoint (a local
+directory or a Hub name) or a model card.
 
 Checkpoints are read with ``safetensors`` one tensor at a time and converted layer by
 layer into preallocated stacked device arrays, so memory holds the converted model plus
@@ -71,13 +71,18 @@ def load_model(
     Args:
       path_or_card: a Hugging Face checkpoint directory (``config.json`` plus
         ``model.safetensors`` or sharded ``*.safetensors`` with
-        ``model.safetensors.index.json``), or a model-card name (``models/NAME.toml``).
+        ``model.safetensors.index.json``); a Hugging Face Hub name, ``org/name`` or
+        ``org/name@revision`` (downloaded into the Hugging Face cache, or read from it
+        offline; see :mod:`falqon_jax.model.resolve`); or a model-card name
+        (``models/NAME.toml``), whose weights are the card's Hub ``source``. A local path wins
+        over a Hub name.
       method: linear-layer method for the ``targets`` (see :mod:`falqon_jax.model.methods`).
       rank, alpha: adapter rank and scale, passed to the method.
       dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
       targets: layers to convert (``q k v o gate up down``, optionally ``lm_head``);
         default: the seven decoder projections. See :func:`falqon_jax.model.llama.plan_linears`.
-      init: ``"random"`` for random weights (needed for a card; optional for a directory).
+      init: ``"random"`` for random weights of the architecture (a card's own, or a
+        directory's or Hub model's config; no weights are read or downloaded).
       seed: PRNG seed for random init and for methods that draw random factors.
       remat: recompute each decoder layer in the backward pass (gradient checkpointing).
 
@@ -86,29 +91,27 @@ def load_model(
       ``(batch, seq)`` to float32 ``(batch, seq, vocab)``.
 
     Raises:
-      ValueError: unknown card, a directory that is not a LLaMA checkpoint, missing weights,
-        or a card without ``init="random"``.
+      ValueError: unknown card, a directory or Hub repository that is not a LLaMA
+        checkpoint, missing weights, a card without a source and without
+        ``init="random"``, a Hub name that cannot be fetched (one-line message).
     """
+    from falqon_jax.model.resolve import classify, model_directory
+
     if init not in (None, "random"):
         raise ValueError(f'init must be None or "random", got {init!r}')
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    source = Path(path_or_card)
-    if source.is_dir():
+    kind = classify(path_or_card)
+    if kind == "card" and init == "random":
+        config = load_card(str(path_or_card))
+        source = None
+    else:
+        source = model_directory(path_or_card, weights=init != "random")
         _refuse_quantized(source)
         config = LlamaConfig.from_hf(source)
-    elif source.exists() or os.sep in str(path_or_card):
-        raise ValueError(f"{path_or_card} is not a checkpoint directory")
-    else:
-        config = load_card(str(path_or_card))
-        if init != "random":
-            raise ValueError(
-                f"model card {str(path_or_card)!r} has no weights: pass a Hugging Face "
-                'checkpoint directory instead, or init="random" for random weights'
-            )
     plan = plan_linears(config, method, targets=targets, rank=rank, alpha=alpha)
     module = Llama(config, plan, jnp.dtype(dtype), remat=remat)
-    if init == "random":
+    if source is None or init == "random":
         params = random_params(module, seed)
     else:
         params = load_params(source, module, jax.random.key(seed))

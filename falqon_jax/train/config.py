@@ -33,6 +33,8 @@ class TrainConfig:
 
     model: str = "llama-7b"
     data: str = ""
+    data_split: str = "train"
+    data_config: str | None = None
     tokenizer: str | None = None
     method: str = "falqon"
     rank: int = 64
@@ -77,10 +79,11 @@ class TrainConfig:
         return self.data == DEMO_DATA
 
     @property
-    def tokenizer_source(self) -> str | None:
-        """Where the run's Hugging Face tokenizer comes from: ``--tokenizer``, else the
-        checkpoint directory (``None`` for a model card without ``--tokenizer``)."""
-        return self.tokenizer or (self.model if Path(self.model).is_dir() else None)
+    def tokenizer_source(self) -> str:
+        """Where the run's Hugging Face tokenizer comes from: ``--tokenizer``, else
+        ``--model`` (a directory, a Hub name, or a card whose Hub ``source`` has one; see
+        :func:`falqon_jax.model.resolve.tokenizer_directory`)."""
+        return self.tokenizer or self.model
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -89,8 +92,8 @@ class TrainConfig:
         """Settings a resumed run must share with the run it continues."""
         keys = ("model", "method", "rank", "alpha", "rule", "top_k", "reset", "rounding",
                 "init_a", "a_scale", "a_gain", "targets",
-                "dtype", "data", "seed", "batch_size", "grad_accum", "source_len",
-                "target_len", "eval_size")
+                "dtype", "data", "data_split", "data_config", "seed", "batch_size",
+                "grad_accum", "source_len", "target_len", "eval_size")
         return {k: _jsonable(getattr(self, k)) for k in keys}
 
 
@@ -134,9 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     add("--recipe", help="TOML file of settings (keys are flag names with underscores)")
-    add("--model", help="model card name (models/NAME.toml) or Hugging Face checkpoint dir")
-    add("--data", help=f"Alpaca JSON / Guanaco JSONL / prompt-completion JSONL, or '{DEMO_DATA}'")
-    add("--tokenizer", help="tokenizer directory (default: the checkpoint directory)")
+    add("--model", help="Hugging Face checkpoint: a local directory, a Hub name (org/name or "
+        "org/name@revision, downloaded into the Hugging Face cache) or a model card (models/"
+        "NAME.toml: its Hub source's weights, or with --init random its architecture)")
+    add("--data", help="data set: a Hub name (org/name[@revision]), a local JSON / JSONL / "
+        f"Parquet / Arrow file or data set directory, or '{DEMO_DATA}'; records in Alpaca, "
+        "Guanaco text, chat messages or prompt/completion format")
+    add("--data-split", help="split of a data set (default: train)")
+    add("--data-config", help="configuration (subset) of a data set that has several")
+    add("--tokenizer", help="tokenizer: a directory or Hub name (default: the model's)")
     add("--method", choices=METHODS)
     add("--rank", type=int, help="adapter rank (paper: 64)")
     add("--alpha", type=float, help="LoRA alpha for the LoRA baselines (paper: 16)")
@@ -268,4 +277,7 @@ def validate(c: TrainConfig, *, need_data: bool = True) -> None:
     if unknown or not c.targets:
         raise ConfigError(f"--targets must name layers from {sorted(known)}, got {list(c.targets)}")
     if not c.data and need_data:
-        raise ConfigError("--data is required with --model: pass an instruction data file")
+        raise ConfigError("--data is required with --model: pass an instruction data set (a "
+                          "file, a directory or a Hugging Face Hub name)")
+    if not c.data_split:
+        raise ConfigError("--data-split must name a split, e.g. train")

@@ -1,34 +1,39 @@
-"""Instruction data: reading, prompt templates, tokenization, loss masks and batching.
+"""Instruction data: record formats, prompt templates, tokenization, loss masks and batching.
 
-Supported files (the format is detected from the records):
+Records come from a local file or directory or a Hugging Face Hub data set
+(:mod:`falqon_jax.train.records`); their format is detected from their fields (a table's
+from its columns):
 
-* Alpaca JSON -- a JSON list of ``{"instruction", "input", "output"}`` objects (``input`` may
-  be empty or missing), rendered with the Alpaca prompt template;
-* OpenAssistant/Guanaco-style JSONL -- one ``{"text": "### Human: ... ### Assistant: ..."}``
-  per line; the loss covers the assistant turns only;
-* chat JSONL -- one ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...},
-  ...]}`` per line (the conversational format of Hugging Face's TRL), rendered with the
-  tokenizer's own chat template (:func:`render_chat`); the loss covers the assistant turns only;
-* plain JSONL -- one ``{"prompt": ..., "completion": ...}`` per line.
+* Alpaca -- ``{"instruction", "input", "output"}`` (``input`` may be empty or missing; e.g.
+  Alpaca JSON, ``tatsu-lab/alpaca``), rendered with the Alpaca prompt template;
+* OpenAssistant/Guanaco -- ``{"text": "### Human: ... ### Assistant: ..."}`` (e.g.
+  ``timdettmers/openassistant-guanaco``); the loss covers the assistant turns only;
+* chat -- ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` (the
+  conversational format of Hugging Face's TRL; e.g. ``HuggingFaceH4/no_robots``), rendered
+  with the tokenizer's own chat template (:func:`render_chat`); the loss covers the assistant
+  turns only;
+* prompt/completion -- ``{"prompt": ..., "completion": ...}``.
 
 Each example becomes ``(tokens, loss_mask)``: the prompt (source) is truncated to
 ``source_len`` tokens and carries no loss, the response (target) is truncated to
 ``target_len`` tokens and carries the loss, as in QLoRA's and FALQON's training code. Text
-formats get the tokenizer's BOS in front and EOS after each response; a chat gets exactly the
-tokens of its rendered template (which carries its own markers), nothing added.
+formats get a BOS in front where the tokenizer itself adds one (:func:`leading_bos`) and EOS
+after each response; a chat gets exactly the tokens of its rendered template (which carries
+its own markers), nothing added.
 
 Errors in user data raise :class:`DataError` with a one-line message naming the file and line.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from falqon_jax.train.records import DataError, read_records
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -41,10 +46,6 @@ ALPACA_NO_INPUT = (
 )
 HUMAN, ASSISTANT = "### Human:", "### Assistant:"
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A problem with the user's data set; the message is one line that says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -75,57 +76,55 @@ class Chat:
 # Reading files.
 
 
-def read_examples(path: str | Path) -> list[Example | Chat]:
-    """Read an Alpaca JSON, Guanaco JSONL, chat JSONL or prompt/completion JSONL file into
-    examples (a :class:`Chat` per chat record)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist; pass --data PATH to an existing file")
-    if path.is_dir():
-        raise DataError(f"data path {path} is a directory; pass --data PATH to a JSON/JSONL file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read data file {path}: {err}") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise DataError(f"data file {path} is empty")
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
-        numbered = list(enumerate(records, start=1))
-        where = "record"
-    else:
-        numbered = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: malformed JSON on line {lineno}: {err.msg}") from None
-        where = "line"
-    return [_to_example(record, f"{path} {where} {n}") for n, record in numbered]
+FORMATS = ("instruction/input/output (Alpaca), text (### Human:/### Assistant:), messages (chat) "
+           "or prompt/completion")
+
+
+def read_examples(data: str | Path, *, split: str = "train",
+                  config: str | None = None) -> list[Example | Chat]:
+    """Read a data set's records into examples (a :class:`Chat` per chat record).
+
+    ``data``: an Alpaca JSON, Guanaco / chat / prompt-completion JSONL, Parquet or Arrow
+    file, a data set directory, or a Hugging Face Hub data set name (``org/name[@revision]``)
+    with ``split`` and ``config`` (see :func:`falqon_jax.train.records.read_records`). The
+    format is detected per record; a table whose columns fit no format is refused at once,
+    naming its columns.
+    """
+    records = read_records(data, split=split, config=config)
+    if records.columns is not None and _format(records.columns) is None:
+        raise DataError(f"{records.label} has columns {', '.join(records.columns)}; expected "
+                        f"{FORMATS}")
+    return [_to_example(record, records.where(i)) for i, record in enumerate(records.rows)]
+
+
+def _format(keys: Iterable[str]) -> str | None:
+    """The record format that ``keys`` (a record's keys or a table's columns) select."""
+    keys = set(keys)
+    if "messages" in keys:
+        return "chat"
+    if "instruction" in keys or "output" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "guanaco"
+    if "prompt" in keys or "completion" in keys:
+        return "prompt_completion"
+    return None
 
 
 def _to_example(record: object, where: str) -> Example | Chat:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
+    kind = _format(record)
+    if kind == "chat":
         return _chat(record, where)
-    if "instruction" in record or "output" in record:
+    if kind == "alpaca":
         return _alpaca(record, where)
-    if "text" in record:
+    if kind == "guanaco":
         return _guanaco(record, where)
-    if "prompt" in record or "completion" in record:
+    if kind == "prompt_completion":
         prompt, completion = _fields(record, where, "prompt", "completion")
         return [Segment(prompt, False), Segment(completion, True)]
-    raise DataError(
-        f"{where}: unknown record with keys {sorted(record)}; expected instruction/input/output "
-        "(Alpaca), text (### Human:/### Assistant:), messages (chat) or prompt/completion"
-    )
+    raise DataError(f"{where}: unknown record with keys {sorted(record)}; expected {FORMATS}")
 
 
 def _fields(record: dict, where: str, *names: str) -> list[str]:

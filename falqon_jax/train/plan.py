@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -43,10 +42,14 @@ class AbstractStep:
 
 
 def architecture(model: str) -> LlamaConfig:
-    """The architecture of ``--model``: a Hugging Face checkpoint directory's config.json,
-    else a model card (``ValueError`` naming the cards when it is neither)."""
-    path = Path(model)
-    return LlamaConfig.from_hf(path) if path.is_dir() else load_card(model)
+    """The architecture of ``--model`` and nothing else: a model card's, or the config.json
+    of a checkpoint directory or Hub model (for a Hub name only its config and tokenizer
+    files are fetched, never weights). ``ValueError`` (one line) when it is none of them."""
+    from falqon_jax.model.resolve import classify, model_directory
+
+    if classify(model) == "card":
+        return load_card(model)
+    return LlamaConfig.from_hf(model_directory(model, weights=False))
 
 
 def abstract_step(config: TrainConfig, llama_config: LlamaConfig, mesh: jax.sharding.Mesh,

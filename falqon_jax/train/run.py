@@ -163,9 +163,10 @@ def check_out_dir(config: TrainConfig, resume: bool) -> None:
         if not has_checkpoints(out):
             raise UserError(f"--resume: no checkpoint in {out}; start without --resume")
         previous = json.loads(saved.read_text()) if saved.exists() else {}
+        before = TrainConfig().identity() | previous  # settings added since: their defaults
         mismatched = [
-            f"{k}={previous.get(k)!r} (now {v!r})"
-            for k, v in config.identity().items() if previous.get(k) != v
+            f"{k}={before.get(k)!r} (now {v!r})"
+            for k, v in config.identity().items() if before.get(k) != v
         ]
         if mismatched:
             raise UserError(
@@ -188,14 +189,22 @@ def uses_char_tokenizer(config: TrainConfig) -> bool:
 
 
 def load_tokenizer(config: TrainConfig) -> Any:
+    """The run's tokenizer: the demo's character tokenizer, or the Hugging Face tokenizer of
+    ``--tokenizer`` or ``--model`` (a directory, a Hub name or a card's Hub source)."""
     if uses_char_tokenizer(config):
         from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
-    source = config.tokenizer_source
+    from falqon_jax.model.resolve import tokenizer_directory
+
+    try:
+        source = tokenizer_directory(config.tokenizer_source)
+    except ValueError as err:
+        raise UserError(str(err).splitlines()[0]) from None
     if source is None:
         raise UserError(
-            f"--model {config.model} is a model card without a tokenizer: pass --tokenizer DIR"
+            f"--model {config.model} is a model card without a tokenizer (it names no Hub "
+            "source): pass --tokenizer DIR"
         )
     from transformers import AutoTokenizer
 
@@ -203,7 +212,8 @@ def load_tokenizer(config: TrainConfig) -> Any:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load a tokenizer from {source}: {first}") from None
+        raise UserError(f"cannot load a tokenizer from {config.tokenizer_source}: {first}"
+                        ) from None
 
 
 def load(config: TrainConfig) -> Any:
@@ -245,17 +255,17 @@ def check_model_limits(config: TrainConfig, model: Any, tokenizer: Any) -> None:
 
 
 def check_model_source(config: TrainConfig) -> None:
-    """Fail fast on an unknown card or a directory that is not a LLaMA checkpoint."""
+    """Fail fast, before the data is read or weights are downloaded, on an unknown card, a
+    card without weights, a directory that is not a LLaMA checkpoint, or a Hub name that
+    cannot be used (this fetches the Hub model's config and tokenizer files only)."""
     from falqon_jax.model.config import LlamaConfig, load_card
+    from falqon_jax.model.resolve import classify, model_directory
 
-    path = Path(config.model)
     try:
-        if path.is_dir():
-            LlamaConfig.from_hf(path)
-        elif path.exists():
-            raise UserError(f"--model {config.model} is a file, not a checkpoint directory")
-        else:
+        if classify(config.model) == "card" and config.init == "random":
             load_card(config.model)
+        else:
+            LlamaConfig.from_hf(model_directory(config.model, weights=False))
     except (ValueError, OSError) as err:
         raise UserError(str(err).splitlines()[0]) from None
 
@@ -270,8 +280,9 @@ def prepare(config: TrainConfig) -> Prepared:
 
         train_ex, held_ex = make_examples()
     else:
-        train_ex, held_ex = data.split(data.read_examples(config.data), config.eval_size,
-                                       config.seed)
+        examples = data.read_examples(config.data, split=config.data_split,
+                                      config=config.data_config)
+        train_ex, held_ex = data.split(examples, config.eval_size, config.seed)
 
     def has_response(example) -> bool:
         if isinstance(example, data.Chat):

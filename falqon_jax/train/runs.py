@@ -3,8 +3,9 @@ checkpoints, a Hugging Face checkpoint, an FP8 export, or a model card.
 
 A training run (``python -m falqon_jax.train --out OUT``) keeps its settings in
 ``OUT/config.json`` and Orbax checkpoints in ``OUT/checkpoints/<step>/``. :func:`load_run`
-rebuilds the run's model (architecture from ``config.model``: a model card or a Hugging
-Face directory; the linear methods, rank, alpha and targets from the run) without
+rebuilds the run's model (architecture from ``config.model``: a Hugging Face directory, a
+Hub model's config in the Hugging Face cache, or a model card; the linear methods, rank,
+alpha and targets from the run) without
 converting any weights, then restores only the ``params`` of the checkpoint's train state,
 so optimizer moments and FALQON proxy buffers are never read.
 
@@ -89,14 +90,22 @@ def read_run_config(run_dir: Path) -> Any:
     return TrainConfig(**values)
 
 
-def _architecture(model: str) -> LlamaConfig:
-    """The :class:`LlamaConfig` named by a run's ``model`` setting (card or HF directory)."""
-    if not Path(model).is_dir() and (os.sep in model or "/" in model):
+def _architecture(config: Any) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a run's model: its checkpoint's ``config.json`` (a local
+    directory, or a Hub model's or card source's, from the Hugging Face cache), or the card
+    for a card trained from random weights."""
+    from falqon_jax.model.resolve import classify, model_directory
+
+    model = config.model
+    kind = classify(model)
+    if kind in ("missing", "file"):
         raise LoadError(
             f"the run's model {model} no longer exists; its config.json gives the architecture"
         )
     try:
-        return LlamaConfig.from_hf(model) if Path(model).is_dir() else load_card(model)
+        if kind == "card" and config.init == "random":
+            return load_card(model)
+        return LlamaConfig.from_hf(model_directory(model, weights=False))
     except ValueError as err:
         raise LoadError(str(err).splitlines()[0]) from None
 
@@ -107,7 +116,7 @@ def run_module(config: Any, dtype: str | None = None) -> Llama:
     Uses the run's method, rank, alpha and targets; FALQON's random-``A`` ablation has the
     same parameter structure as FALQON.
     """
-    arch = _architecture(config.model)
+    arch = _architecture(config)
     from falqon_jax.model.methods import linear_method
 
     method = linear_method(config)
