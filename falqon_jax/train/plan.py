@@ -157,12 +157,16 @@ def plan(config: TrainConfig, target: targets.Target, devices: int, environ: dic
         # answer is not worth the extra compiles
         unit = sharding.batch_ways(mesh) * config.grad_accum
         coarse = unit * max(1, 8 // unit)
-        unit = coarse if config.batch_size % coarse == 0 else unit
 
         def fits(batch: int) -> bool:
             return (peaks[batch] if batch in peaks else peak_at(batch)[0]) <= usable
 
-        largest = _largest_fitting(fits, config.batch_size, unit)
+        if config.batch_size % coarse == 0:
+            largest = _largest_fitting(fits, config.batch_size, coarse)
+            if largest is None and coarse > unit:  # below the coarse steps: row by row
+                largest = _largest_fitting(fits, coarse, unit)
+        else:
+            largest = _largest_fitting(fits, config.batch_size, unit)
     return PlanReport(
         target=target, devices=devices, seq=seq, memory=memory, usable_bytes=usable,
         memory_fraction=fraction, largest_batch=largest,
