@@ -313,3 +313,46 @@ def test_plan_mistakes_are_one_line(flags, message, capsys):
     assert main(flags) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+# --------------------------------------------------------------------------------------
+# python -m falqon_jax.bench gpu
+
+
+@needs_plugin
+def test_bench_gpu_command_writes_a_row_per_program(tmp_path, capsys):
+    import json
+
+    from falqon_jax.bench.cli import main
+
+    out = tmp_path / "rows.json"
+    assert main(["gpu", "--models", "tiny", "--shapes", "none", "--methods", "falqon",
+                 "--backends", "cublaslt", "--rank", "16", "--batch", "4", "--seq", "64",
+                 "--fsdp", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    program, fsdp = rows
+    assert (program["method"], program["shape"], program["backend"]) == (
+        "falqon", "tiny:4L", "cublaslt")
+    assert program["fp8_tflop"] >= program["fp8_tflop_minimum"] > 0
+    assert program["bound_roofline_ms"] >= max(program["bound_compute_ms"],
+                                               program["bound_memory_ms"])
+    assert fsdp["devices"] == 2 and fsdp["large_gathers_fp8"] is False  # tiny: no 1M weight
+    assert fsdp["collectives_per_layer"]["all-gather f8e4m3fn"]["tensors"] == 14
+    text = capsys.readouterr().out
+    assert "LOWER BOUNDS" in text and "tiny:4L" in text
+
+
+@needs_plugin
+@pytest.mark.parametrize("flags, message", [
+    (["--target", "v100"], "unknown GPU target 'v100'"),
+    (["--backends", "cudnn"], "--backends must name cublaslt and/or triton"),
+    (["--fsdp", "1"], "--fsdp must be 0"),
+    (["--models", "no-such-card"], "unknown model card"),
+    (["--methods", "falqon,nope"], "unknown method 'nope'"),
+])
+def test_bench_gpu_mistakes_are_one_line(flags, message, capsys):
+    from falqon_jax.bench.cli import main
+
+    assert main(["gpu", "--shapes", "none", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
