@@ -19,6 +19,8 @@ renames it when complete, so a crash mid-write leaves the previous checkpoints a
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -39,7 +41,14 @@ class CheckpointError(RuntimeError):
 
 
 def _reason(err: BaseException) -> str:
+    """One line saying what went wrong: the operating system's error where TensorStore
+    names one (e.g. "No space left on device"), else the first line of the message."""
     text = str(err).strip()
+    os_error = re.search(r"os_error_code='?(\d+)", text)
+    if isinstance(err, OSError) and err.errno:
+        return os.strerror(err.errno)
+    if os_error:
+        return os.strerror(int(os_error.group(1)))
     first = text.splitlines()[0] if text else type(err).__name__
     first = first.split(". See full TensorStore details")[0]
     return first if len(first) <= 160 else first[:157] + "..."
@@ -84,6 +93,7 @@ class CheckpointStore:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._frozen_writer: Any = None
         self._frozen_fingerprint: str | None = None
+        self._pending: int | None = None  # the step being written in the background
 
     # ----------------------------------------------------------------------------------
     # Writing.
@@ -129,8 +139,18 @@ class CheckpointStore:
                        "frozen_fingerprint": frozen_now}
         args = ocp.args.Composite(state=ocp.args.StandardSave(changing),
                                   meta=ocp.args.JsonSave(meta))
+        self._finish_pending()  # Orbax would wait for it too; this names the step that failed
         try:
             self.manager.save(step, args=args, force=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"cannot write checkpoint {step} to {self.directory}: {_reason(err)}") from None
+        self._pending = step
+
+    def _finish_pending(self) -> None:
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
         except Exception as err:
             raise CheckpointError(
                 f"cannot write checkpoint {step} to {self.directory}: {_reason(err)}") from None
@@ -149,11 +169,7 @@ class CheckpointStore:
     def wait(self) -> None:
         """Wait until every save started is on disk (raises :class:`CheckpointError`)."""
         self._finish_frozen()
-        try:
-            self.manager.wait_until_finished()
-        except Exception as err:
-            raise CheckpointError(
-                f"cannot write a checkpoint to {self.directory}: {_reason(err)}") from None
+        self._finish_pending()
 
     def close(self) -> None:
         """Wait for pending saves and release the store (errors are reported by
@@ -255,6 +271,14 @@ class CheckpointStore:
         self.manager.reload()
 
 
-def has_checkpoints(out: str | Path) -> bool:
+def complete_steps(out: str | Path) -> list[int]:
+    """Steps with a complete checkpoint in ``out/checkpoints``, ascending (Orbax writes into
+    a temporary directory and gives it the step's name when complete)."""
     directory = Path(out) / CHECKPOINTS
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def has_checkpoints(out: str | Path) -> bool:
+    return bool(complete_steps(out))

@@ -423,7 +423,7 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
 
     from falqon_jax import sharding
     from falqon_jax.train import state_parts
-    from falqon_jax.train.checkpoints import CheckpointError, CheckpointStore
+    from falqon_jax.train.checkpoints import CheckpointError, CheckpointStore, complete_steps
     from falqon_jax.train.data import batch_stream
     from falqon_jax.train.trainer import Trainer
 
@@ -484,6 +484,7 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     last_eval = None
     longest = 0.0  # the longest loop iteration so far (step, evaluation, save), seconds
     stop = StopRequests(config.max_time, started)
+    quiet = _QuietOrbax()
     try:
         while step < config.steps:
             began = time.perf_counter()
@@ -542,17 +543,48 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
         return RunResult(EXIT_INTERRUPTED, step, last_eval, out)
     except CheckpointError as err:
         bar.close()
-        print(f"error: {err}; checkpoints completed before are intact: free space (or fix "
-              "the error) and continue with --resume", file=sys.stderr)
+        steps = complete_steps(out)
+        kept = f"step {steps[-1]} is the last complete checkpoint" if steps else \
+            "no checkpoint is complete yet"
+        print(f"error: {err}; {kept}: fix that (e.g. free space) and continue with --resume",
+              file=sys.stderr)
         return RunResult(EXIT_CHECKPOINT, step, last_eval, out)
     finally:
         stop.restore()
         log.close()
         store.close()
+        quiet.restore()
     bar.close()
     model.params = state.params
     report_samples(prep, model, last_eval, mesh)
     return RunResult(0, step, last_eval, out)
+
+
+class _QuietOrbax:
+    """Keeps Orbax's own reports of a failed write off stderr while training: the run
+    reports the failure itself in one line (:class:`~falqon_jax.train.checkpoints.
+    CheckpointError`). Orbax logs the tracebacks of failed background writes (and notes
+    such as reaching a preemption sync point) through absl, and TensorStore then reports
+    each write still in flight into Orbax's event loop, which the failure closed ("Event
+    loop is closed", printed through ``sys.excepthook``)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.logger = logging.getLogger("absl")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+        self.excepthook = previous = sys.excepthook
+
+        def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+            if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+                previous(kind, value, tb)
+
+        sys.excepthook = hook
+
+    def restore(self) -> None:
+        self.logger.setLevel(self.level)
+        sys.excepthook = self.excepthook
 
 
 GRAD_INIT_BATCHES = 4
