@@ -19,6 +19,7 @@ renames it when complete, so a crash mid-write leaves the previous checkpoints a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -282,3 +283,66 @@ def complete_steps(out: str | Path) -> list[int]:
 
 def has_checkpoints(out: str | Path) -> bool:
     return bool(complete_steps(out))
+
+
+class QuietWrites:
+    """While training, keeps Orbax's and TensorStore's own reports of a failed write off
+    stderr: the run reports the failure itself, in one line (:class:`CheckpointError`).
+
+    Orbax logs the tracebacks of failed background writes (and notes such as reaching a
+    preemption sync point) through absl; TensorStore then reports every write still in
+    flight into Orbax's event loop, which the failure closed, as a traceback ending in
+    ``RuntimeError: Event loop is closed`` printed straight to ``sys.stderr`` (no hook sees
+    it). :meth:`restore` puts both back.
+    """
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("absl")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+        self.stderr = sys.stderr
+        sys.stderr = _WithoutClosedLoopReports(self.stderr)
+
+    def restore(self) -> None:
+        self.logger.setLevel(self.level)
+        if isinstance(sys.stderr, _WithoutClosedLoopReports):
+            sys.stderr.flush_held()
+            sys.stderr = self.stderr
+
+
+class _WithoutClosedLoopReports:
+    """A text stream passing everything to ``stream`` but tracebacks whose last line is
+    ``RuntimeError: Event loop is closed``."""
+
+    HEADER, DROPPED = "Traceback (most recent call last):", "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.held = ""  # a traceback being written
+
+    def write(self, text: str) -> int:
+        if not self.held and not text.startswith(self.HEADER):
+            return self.stream.write(text)
+        self.held += text
+        lines = self.held.split("\n")
+        for i, line in enumerate(lines[1:-1], 1):  # complete lines after the header
+            if line and not line.startswith(" "):  # the exception line ends the traceback
+                block, rest = "\n".join(lines[: i + 1]) + "\n", "\n".join(lines[i + 1:])
+                self.held = ""
+                if line != self.DROPPED:
+                    self.stream.write(block)
+                if rest:
+                    self.write(rest)
+                break
+        return len(text)
+
+    def flush_held(self) -> None:
+        if self.held:
+            self.stream.write(self.held)
+            self.held = ""
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self.stream, name)

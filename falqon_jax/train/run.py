@@ -423,7 +423,12 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
 
     from falqon_jax import sharding
     from falqon_jax.train import state_parts
-    from falqon_jax.train.checkpoints import CheckpointError, CheckpointStore, complete_steps
+    from falqon_jax.train.checkpoints import (
+        CheckpointError,
+        CheckpointStore,
+        QuietWrites,
+        complete_steps,
+    )
     from falqon_jax.train.data import batch_stream
     from falqon_jax.train.trainer import Trainer
 
@@ -462,7 +467,6 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
         if resume:
             _truncate_metrics(metrics_path, start)
         _write_atomically(out / "config.json", config.to_json() + "\n")
-    store.write_frozen(state)  # once per run: nothing happens when OUT/frozen holds it
     source = "built-in demo data" if config.is_demo else config.data
     say(f"falqon-jax: {config.method} on {config.model} ({source}), "
         f"{len(prep.train)} train / {len(prep.held_out)} held-out examples, "
@@ -484,8 +488,9 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     last_eval = None
     longest = 0.0  # the longest loop iteration so far (step, evaluation, save), seconds
     stop = StopRequests(config.max_time, started)
-    quiet = _QuietOrbax()
+    quiet = QuietWrites()
     try:
+        store.write_frozen(state)  # once per run: nothing happens when OUT/frozen holds it
         while step < config.steps:
             began = time.perf_counter()
             batch = next(stream)
@@ -558,33 +563,6 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     model.params = state.params
     report_samples(prep, model, last_eval, mesh)
     return RunResult(0, step, last_eval, out)
-
-
-class _QuietOrbax:
-    """Keeps Orbax's own reports of a failed write off stderr while training: the run
-    reports the failure itself in one line (:class:`~falqon_jax.train.checkpoints.
-    CheckpointError`). Orbax logs the tracebacks of failed background writes (and notes
-    such as reaching a preemption sync point) through absl, and TensorStore then reports
-    each write still in flight into Orbax's event loop, which the failure closed ("Event
-    loop is closed", printed through ``sys.excepthook``)."""
-
-    def __init__(self) -> None:
-        import logging
-
-        self.logger = logging.getLogger("absl")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.CRITICAL)
-        self.excepthook = previous = sys.excepthook
-
-        def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-            if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-                previous(kind, value, tb)
-
-        sys.excepthook = hook
-
-    def restore(self) -> None:
-        self.logger.setLevel(self.level)
-        sys.excepthook = self.excepthook
 
 
 GRAD_INIT_BATCHES = 4
