@@ -58,13 +58,17 @@ def _toy_store(out: Path, state: TrainState) -> CheckpointStore:
 
 def test_store_keeps_the_frozen_part_once_and_proves_what_it_restores(tmp_path):
     state = _toy_state(1.0, 2.0)
+    # Training that changed the frozen part is caught at the run's first save.
+    store = _toy_store(tmp_path / "wrong", state)
+    store.write_frozen(state)
+    with pytest.raises(CheckpointError, match="frozen part of the train state changed"):
+        store.save(1, _toy_state(1.5, 2.0), {"step": 1})
+    store.close()
+
     store = _toy_store(tmp_path, state)
     store.write_frozen(state)
     store.save(1, state, {"step": 1})
     store.wait()
-    # A state whose frozen part changed is not saved against the frozen part on disk.
-    with pytest.raises(CheckpointError, match="frozen part of the train state changed"):
-        store.save(2, _toy_state(1.5, 2.0), {"step": 2})
     store.close()
     assert set(select(state, store.changing)["params"]) == {"b"}
 
@@ -83,6 +87,30 @@ def test_store_keeps_the_frozen_part_once_and_proves_what_it_restores(tmp_path):
     with pytest.raises(CheckpointError, match="frozen weights of this run .* cannot be "
                        "restored .* start a new run with another --out"):
         _toy_store(tmp_path, state).restore_latest(_toy_state(9.0, 9.0))
+
+
+def test_checkpoints_of_the_whole_state_from_the_earlier_layout_still_resume(tmp_path):
+    """Before the frozen part was split off, each checkpoint held the whole train state
+    (and its meta no "format"): such a run resumes, and its next saves use the new layout."""
+    import orbax.checkpoint as ocp
+
+    state = _toy_state(1.0, 2.0)
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints",
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave({"step": 3})))
+    manager.wait_until_finished()
+    manager.close()
+    store = _toy_store(tmp_path, state)
+    step, restored = store.restore_latest(_toy_state(9.0, 9.0))
+    assert step == 3 and float(restored.params["w"][0, 0]) == 1.0
+    assert float(restored.params["b"][0, 0]) == 2.0
+    store.write_frozen(restored)
+    store.save(4, restored._replace(step=jnp.int32(4)), {"step": 4})
+    store.close()
+    step, again = _toy_store(tmp_path, state).restore_latest(_toy_state(9.0, 9.0))
+    assert step == 4 and float(again.params["w"][0, 0]) == 1.0
+    assert (tmp_path / "frozen").is_dir()
 
 
 @pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("45m", 2700),

@@ -95,13 +95,15 @@ class CheckpointStore:
         self._frozen_writer: Any = None
         self._frozen_fingerprint: str | None = None
         self._pending: int | None = None  # the step being written in the background
+        self._frozen_checked = False
 
     # ----------------------------------------------------------------------------------
     # Writing.
 
     def write_frozen(self, state: Any) -> None:
         """Make ``OUT/frozen`` hold the frozen part of ``state`` (asynchronously), unless it
-        already holds exactly these arrays (a run restarted from step 0)."""
+        already holds exactly these arrays (a resumed run, or one restarted from step 0).
+        Call it before the first :meth:`save`, with the state training starts from."""
         frozen = state_parts.select(state, self.frozen)
         self._frozen_fingerprint = fingerprint(frozen)
         if self._frozen_fingerprint is None or self._frozen_on_disk() == self._frozen_fingerprint:
@@ -125,19 +127,24 @@ class CheckpointStore:
         """Start writing the checkpoint of ``step``: returns once the arrays are copied off
         the devices (``state`` may then be donated); :meth:`wait` waits for the files.
 
+        The first save checks that the frozen part of ``state`` is still bit for bit the
+        one written (a rule that changed more than the changing part would be caught here).
+
         Raises :class:`CheckpointError` when this or the previous save failed (e.g. a full
         disk); the checkpoints completed before are intact.
         """
         self._finish_frozen()
-        frozen_now = fingerprint(state_parts.select(state, self.frozen))
-        if frozen_now != self._frozen_fingerprint:
-            raise CheckpointError(
-                f"the frozen part of the train state changed during training (fingerprint "
-                f"{frozen_now}, written {self._frozen_fingerprint}); its checkpoints would not "
-                "restore it")
+        if not self._frozen_checked:  # once per run: steps have changed what they change
+            frozen_now = fingerprint(state_parts.select(state, self.frozen))
+            if frozen_now != self._frozen_fingerprint:
+                raise CheckpointError(
+                    f"the frozen part of the train state changed during training (fingerprint "
+                    f"{frozen_now}, written {self._frozen_fingerprint}); its checkpoints would "
+                    "not restore it")
+            self._frozen_checked = True
         changing = state_parts.select(state, self.changing)
         meta = meta | {"format": FORMAT, "fingerprint": fingerprint(changing),
-                       "frozen_fingerprint": frozen_now}
+                       "frozen_fingerprint": self._frozen_fingerprint}
         args = ocp.args.Composite(state=ocp.args.StandardSave(changing),
                                   meta=ocp.args.JsonSave(meta))
         self._finish_pending()  # Orbax would wait for it too; this names the step that failed
@@ -202,35 +209,35 @@ class CheckpointStore:
         """
         for step in reversed(self.manager.all_steps()):
             why = "unreadable on another process"
-            try:
+            try:  # each process reads its own shards: all must succeed
                 meta = self.read_meta(step)
-                changing = self._restore_changing(step, meta, like)
+                restored = self._restore_changing(step, meta, like)
                 ok = True
             except Exception as err:  # whatever Orbax or TensorStore raise for bad files
-                meta, changing, ok, why = {}, None, False, _reason(err)
+                meta, restored, ok, why = {}, None, False, _reason(err)
             if not _all_processes_agree(ok):
                 self._set_aside(step, why)
                 continue
             if "format" not in meta:  # a checkpoint of the whole state
-                return step, changing
+                return step, restored
+            got = fingerprint(restored)
+            if got != meta.get("fingerprint"):
+                self._set_aside(step, f"its arrays differ from their fingerprint ({got} != "
+                                      f"{meta.get('fingerprint')})")
+                continue
             frozen = self._frozen_part(meta.get("frozen_fingerprint"), like)
-            return step, state_parts.fill(state_parts.fill(like, self.changing, changing),
+            return step, state_parts.fill(state_parts.fill(like, self.changing, restored),
                                           self.frozen, frozen)
         return None
 
     def _restore_changing(self, step: int, meta: dict[str, Any], like: Any) -> Any:
+        """The state a checkpoint holds: its changing part, or (the earlier layout) all."""
         if "format" not in meta:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(like))))
-            return restored.state
-        target = state_parts.select(_abstract(like), self.changing)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+            target = _abstract(like)
+        else:
+            target = state_parts.select(_abstract(like), self.changing)
+        return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
-        got = fingerprint(restored)
-        if got != meta.get("fingerprint"):
-            raise CheckpointError(f"its arrays differ from their fingerprint ({got} != "
-                                  f"{meta.get('fingerprint')})")
-        return restored
 
     def _frozen_part(self, wanted: str | None, like: Any) -> dict[str, Any]:
         """The frozen part a checkpoint was saved with: ``like``'s own when it is bit for
@@ -240,20 +247,22 @@ class CheckpointStore:
             return derived
         target = state_parts.select(_abstract(like), self.frozen)
         reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        why = "unreadable on another process"
         try:
             restored = reader.restore(self.frozen_dir, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target))).state
-            got = fingerprint(restored)
-            ok = got == wanted
-            why = f"fingerprint {got} != {wanted}"
+            ok = True
         except Exception as err:
             restored, ok, why = None, False, _reason(err)
-        if not _all_processes_agree(ok):
-            raise CheckpointError(
-                f"the frozen weights of this run in {self.frozen_dir} cannot be restored "
-                f"({why}) and the model does not give the same ones again; restore "
-                f"{self.frozen_dir} from a backup, or start a new run with another --out")
-        return restored
+        if _all_processes_agree(ok):
+            got = fingerprint(restored)
+            if got == wanted:
+                return restored
+            why = f"fingerprint {got} != {wanted}"
+        raise CheckpointError(
+            f"the frozen weights of this run in {self.frozen_dir} cannot be restored ({why}) "
+            "and the model does not give the same ones again; restore them from a backup, "
+            "or start a new run with another --out")
 
     def _set_aside(self, step: int, why: str) -> None:
         """Move a checkpoint that cannot be restored to ``OUT/damaged/`` (process 0)."""

@@ -529,6 +529,7 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
                 bar.close()
                 if saved != step:
                     store.save(step, state, meta(step))
+                    saved = step
                 store.wait()
                 print(f"{stop.why}: saved step {step} to {store.directory}; continue with "
                       "--resume", file=sys.stderr)
