@@ -509,6 +509,7 @@ def run(falqon, tmp_path_factory):
     step 10 (perturbed params), saved as the training loop saves them."""
     from falqon_jax.train.checkpoints import CheckpointStore
     from falqon_jax.train.config import TrainConfig
+    from falqon_jax.train.state_parts import changing_mask
     from falqon_jax.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("run")
@@ -522,10 +523,15 @@ def run(falqon, tmp_path_factory):
         return falqon.module.apply({"params": params}, tokens, attention)
 
     trainer = Trainer(config, forward, falqon.trainable())
-    store = CheckpointStore(out, keep=3)
-    for step, params in [(5, falqon.original_params), (10, falqon.params)]:
-        state = trainer.init_state(params)._replace(step=jnp.asarray(step, jnp.int32))
-        store.save(step, state, {"step": step})
+    states = [trainer.init_state(params)._replace(step=jnp.asarray(step, jnp.int32))
+              for step, params in [(5, falqon.original_params), (10, falqon.params)]]
+    # The perturbed rows stand for merges, so the FP8 weights are saved with every step.
+    changing = changing_mask(states[0], trainer.mask, writes_w8=True)
+    store = CheckpointStore(out, 3, changing)
+    store.write_frozen(states[0])
+    for state in states:
+        store.save(int(state.step), state, {"step": int(state.step)})
+    store.wait()
     store.close()
     return out
 
@@ -549,7 +555,8 @@ def test_load_run_restores_the_latest_or_a_given_checkpoint(run, falqon):
 
 
 def test_restore_fallback_reads_the_whole_state(run, falqon):
-    """The path for Orbax versions without partial restores."""
+    """The path for Orbax versions without partial restores: the step's changing params,
+    then the run's frozen ones."""
     import orbax.checkpoint as ocp
 
     from falqon_jax.model.llama import abstract_params
@@ -557,8 +564,12 @@ def test_restore_fallback_reads_the_whole_state(run, falqon):
 
     module = run_module(read_run_config(run))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = _restore_all(ocp, (run / "checkpoints" / "10" / "state").resolve(),
-                          abstract_params(module), device)
+    abstract = abstract_params(module)
+    trained = _restore_all(ocp, (run / "checkpoints" / "10" / "state").resolve(), abstract,
+                           device)
+    frozen = _restore_all(ocp, (run / "frozen" / "state").resolve(), abstract, device)
+    assert isinstance(trained["embed_tokens"], jax.ShapeDtypeStruct)  # not in a checkpoint
+    params = jax.tree.map(lambda t, f: t if isinstance(t, jax.Array) else f, trained, frozen)
     assert_same_params(params, falqon.params)
 
 

@@ -18,9 +18,10 @@ MESHES = ["fsdp=1", "fsdp=8", "data=2,fsdp=4"]
 # Runs in a fresh interpreter: the simulated device count must be set before JAX starts.
 SCRIPT = r"""
 import json, sys
-import jax, numpy as np, orbax.checkpoint as ocp
+import jax, numpy as np
 from pathlib import Path
 from falqon_jax.train.run import main, build_mesh
+from falqon_jax.train.runs import load_run
 from falqon_jax.train.config import resolve
 
 out, model, steps, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[5].split()
@@ -36,8 +37,7 @@ for mesh in meshes:
                  "--targets", "q,k,v,o,lm_head"]
     assert main(args) == 0, mesh
     losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
-    state = ocp.PyTreeCheckpointer().restore(run / "checkpoints" / steps / "state")
-    params = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    params = jax.tree_util.tree_flatten_with_path(load_run(run)[0].params)[0]
     leaves = {jax.tree_util.keystr(k): np.asarray(v) for k, v in params}
     np.savez(run / "params.npz", **{k: v.view(np.uint8) if v.dtype.itemsize == 1
                                     and v.dtype.kind == "V" or "float8" in str(v.dtype)

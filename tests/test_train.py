@@ -53,16 +53,15 @@ def test_gradient_aligned_a_replaces_every_melded_a(tmp_path, capsys):
     vectors (orthogonal rows of one norm), not the random placeholder the model was built
     with (whose rows overlap by about 1/sqrt(64) each). The tiny random model's weights are
     small, so the rows are shrunk below 3x LoRA's norm to stay within W's magnitude."""
-    import orbax.checkpoint as ocp
+    from falqon_jax.train.runs import load_run
 
     out = tmp_path / "grad"
     code, _, err = _run(capsys, "--steps", 2, "--out", out, "--init-a", "grad", *QUICK)
     assert code == 0, err
-    state = ocp.PyTreeCheckpointer().restore(out / "checkpoints" / "2" / "state")
-    q = state["params"]["layers"]["self_attn"]["q_proj"]
-    rank = q["b"].shape[-1]
-    w8 = np.asarray(q["w8"]).astype(np.float32)
-    a = w8[:, -rank:, :] * np.asarray(q["scale"])[:, None, None]  # (L, r, in)
+    q = load_run(out)[0].params["layers"]["self_attn"]["q_proj"]
+    rank = q.rank
+    w8 = np.asarray(q.w8).astype(np.float32)
+    a = w8[:, -rank:, :] * np.asarray(q.scale)[:, None, None]  # (L, r, in)
     gram = a @ np.swapaxes(a, -1, -2)
     gram = gram / np.mean(np.diagonal(gram, axis1=-2, axis2=-1), axis=-1)[:, None, None]
     # E4M3 rounds every entry by <= 2^-4 relative: orthonormal up to a few percent
@@ -78,16 +77,31 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     a, b = _metrics(whole), _metrics(half)
     assert [r["step"] for r in b] == list(range(1, 13))
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+    assert_same_saved_state(whole, half, 12)
+
+
+def saved_leaves(out, step):
+    """Every array a run saved for ``step``: its checkpoint (what training changes) and the
+    run's frozen part, as numpy arrays keyed by path."""
     import jax
     import orbax.checkpoint as ocp
 
     reader = ocp.PyTreeCheckpointer()
-    leaves = [jax.tree.leaves(reader.restore(d / "checkpoints" / "12" / "state"))
-              for d in (whole, half)]
-    assert len(leaves[0]) == len(leaves[1])
-    for x, y in zip(*leaves, strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+    leaves = {}
+    for name, path in (("step", out / "checkpoints" / str(step) / "state"),
+                       ("frozen", out / "frozen" / "state")):
+        tree = reader.restore(path)
+        for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            leaves[name + jax.tree_util.keystr(key)] = np.asarray(leaf)
+    return leaves
+
+
+def assert_same_saved_state(a, b, step):
+    """Two runs saved bit-identical states (params, optimizer state, step) at ``step``."""
+    x, y = saved_leaves(a, step), saved_leaves(b, step)
+    assert sorted(x) == sorted(y) and len(x) > 10
+    for key in x:
+        assert x[key].dtype == y[key].dtype and x[key].tobytes() == y[key].tobytes(), key
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

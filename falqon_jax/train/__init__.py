@@ -6,7 +6,10 @@
   messages, prompt/completion), tokenization, loss masks, batches;
   :mod:`~falqon_jax.train.demo_data` -- the built-in demo's data and character tokenizer;
 * :mod:`~falqon_jax.train.trainer` -- the jitted, sharded train and eval steps;
-* :mod:`~falqon_jax.train.checkpoints` -- Orbax checkpoints of the train state;
+* :mod:`~falqon_jax.train.checkpoints` -- Orbax checkpoints of the train state: the frozen
+  part once per run, the changing part (:mod:`~falqon_jax.train.state_parts`) per save,
+  asynchronously, with fingerprints (:mod:`~falqon_jax.train.fingerprint`);
+* :mod:`~falqon_jax.train.stopping` -- Ctrl-C, SIGTERM and ``--max-time``: save and exit;
 * :mod:`~falqon_jax.train.grad_init` -- ``--init-a grad`` (A from loss gradients);
 * :mod:`~falqon_jax.train.run` -- one run end to end (:func:`finetune`, :func:`main`);
 * :mod:`~falqon_jax.train.runs` -- reading a finished run's model back.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from falqon_jax.cli import OneLineParser
+from falqon_jax.train.stopping import parse_duration
 
 METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
 RULES = ("visible", "visible_merge", "paper", "reference")  # = falqon_jax.optax.RULES
@@ -68,6 +69,7 @@ class TrainConfig:
     eval_every: int = 250
     log_every: int = 10
     keep_checkpoints: int = 3
+    max_time: float | None = None  # seconds; see falqon_jax.train.stopping
     sample_tokens: int = 32
     mesh: str = ""
     coordinator: str = ""
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-every", type=int, help="eval loss every N steps (and at the end)")
     add("--log-every", type=int, help="write a metrics line every N steps")
     add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep")
+    add("--max-time", type=_duration, help="save and exit (status 75) before this much time "
+        "has passed, e.g. a scheduler's time limit minus a margin: seconds, 45m, 3.5h, "
+        "H:MM:SS or D-HH:MM:SS")
     add("--sample-tokens", type=int, help="tokens generated for the final sample")
     add("--mesh", help="device mesh, e.g. data=2,fsdp=4 (default: all devices on fsdp)")
     add("--coordinator", help="multi-host: address:port of process 0 (jax.distributed); "
@@ -198,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         "peak memory per device, whether it fits and the largest batch that does (needs pip "
         "install -e '.[h100]'; no weights are loaded, --data may be left out)")
     return p
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def resolve(argv: list[str] | None) -> tuple[TrainConfig, bool]:
@@ -266,6 +278,8 @@ def validate(c: TrainConfig, *, need_data: bool = True) -> None:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
     if c.max_grad_norm < 0 or c.weight_decay < 0 or not 0 < c.beta2 < 1:
         raise ConfigError("--max-grad-norm and --weight-decay must be >= 0, --beta2 in (0, 1)")
+    if c.max_time is not None and not (isinstance(c.max_time, int | float) and c.max_time > 0):
+        raise ConfigError(f"--max-time must be a positive number of seconds, got {c.max_time!r}")
     if c.eval_size < 0 or c.sample_tokens < 0:
         raise ConfigError("--eval-size and --sample-tokens must be >= 0")
     if c.batch_size % c.grad_accum:

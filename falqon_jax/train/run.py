@@ -6,7 +6,9 @@ With no arguments the command runs the built-in demo on the CPU. ``--help`` list
 demo's character tokenizer (:class:`falqon_jax.train.demo_data.CharTokenizer`) for any data.
 Mistakes in the input (flags, data, checkpoints, output directory) end with one line on
 stderr and exit code 2; a non-finite loss stops the run with exit code 3, keeping the last
-good checkpoint; Ctrl-C saves a checkpoint and exits with 130.
+good checkpoint; a checkpoint that cannot be written (e.g. a full disk) stops it with 74.
+Ctrl-C (130), SIGTERM (143) and ``--max-time`` (75) finish the current step, save a
+checkpoint and exit (:mod:`falqon_jax.train.stopping`); ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,14 +29,23 @@ import numpy as np
 from falqon_jax.train.config import (
     ConfigError,
     TrainConfig,
+    build_parser,
     length_buckets,
     plan_request,
     resolve,
     validate,
 )
 from falqon_jax.train.data import DataError
+from falqon_jax.train.stopping import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_TIME_LIMIT,
+    StopRequests,
+)
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_DIVERGED, EXIT_CHECKPOINT = 2, 3, 74
+__all__ = ["EXIT_CHECKPOINT", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
+           "EXIT_TIME_LIMIT", "EXIT_USAGE", "RunResult", "UserError", "finetune", "main"]
 
 
 class UserError(ValueError):
@@ -44,9 +54,10 @@ class UserError(ValueError):
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended: ``exit_code`` 0 (finished), 3 (non-finite loss) or 130 (interrupted),
-    the last step reached and the last held-out loss (``None`` without held-out data or
-    when no evaluation ran)."""
+    """How a run ended: ``exit_code`` 0 (finished), 3 (non-finite loss), 74 (a checkpoint
+    could not be written), 75 (``--max-time``), 130 (Ctrl-C) or 143 (SIGTERM), the last step
+    reached and the last held-out loss (``None`` without held-out data or when no evaluation
+    ran)."""
 
     exit_code: int
     step: int
@@ -59,11 +70,14 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> RunResult:
     with the same settings: writes ``config.out`` (``config.json``, ``metrics.jsonl``,
     checkpoints), shows progress on stderr and prints the closing metrics.
 
-    ``resume`` continues from the latest checkpoint in ``config.out``. Raises
-    :class:`~falqon_jax.train.config.ConfigError`, :class:`~falqon_jax.train.data.DataError`
-    or :class:`UserError` (one-line messages) for invalid settings, data, model or output
-    directory; nothing is written before those checks pass.
+    ``resume`` continues from the latest checkpoint in ``config.out`` (from step 0 when the
+    run saved none yet). Raises :class:`~falqon_jax.train.config.ConfigError`,
+    :class:`~falqon_jax.train.data.DataError` or :class:`UserError` (one-line messages) for
+    invalid settings, data, model or output directory; nothing is written before those
+    checks pass. Raises :class:`~falqon_jax.train.checkpoints.CheckpointError` when the
+    run's frozen weights cannot be read back.
     """
+    started = time.monotonic()
     validate(config)
     # Every process checks --out before joining: nothing is written before all have joined.
     check_out_dir(config, resume)
@@ -71,26 +85,60 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> RunResult:
     import jax
 
     if jax.process_index() == 0:
-        return _run(config, resume)
+        return _run(config, resume, started)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        return _run(config, resume)  # other hosts of a multi-host job: errors only
+        return _run(config, resume, started)  # other hosts of a multi-host job: errors only
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m falqon_jax.train [flags]``; returns the exit status (2 for a user mistake,
-    reported as one line on stderr)."""
+    reported as one line on stderr; see :class:`RunResult` for the others)."""
+    from falqon_jax.train.checkpoints import CheckpointError
+
     try:
         config, resume = resolve(argv)
         plan = plan_request(argv)
         if plan is not None:
             return run_plan(config, plan)
         args = sys.argv[1:] if argv is None else argv
-        if not resume and not any(a == "--out" or a.startswith("--out=") for a in args):
+        if resume:
+            config = resumed_config(config, args)
+        elif not any(a == "--out" or a.startswith("--out=") for a in args):
             config = dataclasses.replace(config, out=_fresh_out(config.out))
         return finetune(config, resume=resume).exit_code
     except (ConfigError, DataError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    except KeyboardInterrupt:  # Ctrl-C twice, outside the training loop
+        print("\naborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+# Settings of one launch rather than of the run: a resumed run takes them from its own flags.
+LAUNCH_SETTINGS = ("out", "mesh", "coordinator", "num_processes", "process_id", "max_time")
+
+
+def resumed_config(config: TrainConfig, argv: list[str]) -> TrainConfig:
+    """The settings ``--resume`` continues with: the run's own (``OUT/config.json``), with
+    the flags given on the command line on top, so ``--out OUT --resume`` alone continues
+    any run. A ``--recipe`` gives every setting itself; without a saved run, ``config``."""
+    from falqon_jax.model.loading import LoadError
+    from falqon_jax.train.runs import read_run_config
+
+    try:
+        saved = read_run_config(Path(config.out))
+    except LoadError:
+        return config
+    given = vars(build_parser().parse_args(argv))
+    if "recipe" in given:
+        return config
+    keys = (given.keys() - {"resume"}) | set(LAUNCH_SETTINGS)
+    merged = dataclasses.replace(saved, **{k: getattr(config, k) for k in keys})
+    validate(merged)
+    return merged
 
 
 def run_plan(config: TrainConfig, spec: str) -> int:
@@ -152,31 +200,63 @@ class Prepared:
 
 
 def check_out_dir(config: TrainConfig, resume: bool) -> None:
-    """Refuse to mix runs: nothing in ``--out`` is ever overwritten by a different run."""
+    """Refuse to mix runs: nothing in ``--out`` is ever overwritten by a different run.
+
+    ``--resume`` needs a run in ``--out`` with the same identity settings
+    (:meth:`TrainConfig.identity`); with no checkpoint saved yet it starts from step 0.
+    Without ``--resume``, ``--out`` must hold no run. Each refusal names what works.
+    """
     from falqon_jax.train.checkpoints import has_checkpoints
 
     out = Path(config.out)
     saved = out / "config.json"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a directory")
+    holds_run = saved.exists() or has_checkpoints(out)
+    previous = _read_json(saved)
+    # settings added to the identity since the run was saved compare as their defaults
+    before = TrainConfig().identity() | previous if previous else {}
+    mismatched = [
+        f"{k}={before.get(k)!r} (now {v!r})"
+        for k, v in config.identity().items() if before.get(k) != v
+    ]
     if resume:
-        if not has_checkpoints(out):
-            raise UserError(f"--resume: no checkpoint in {out}; start without --resume")
-        previous = json.loads(saved.read_text()) if saved.exists() else {}
-        before = TrainConfig().identity() | previous  # settings added since: their defaults
-        mismatched = [
-            f"{k}={before.get(k)!r} (now {v!r})"
-            for k, v in config.identity().items() if before.get(k) != v
-        ]
+        if not holds_run:
+            raise UserError(f"--resume: no checkpoint and no run in {out}; start the run with "
+                            "the same command without --resume")
         if mismatched:
             raise UserError(
                 f"--resume: the checkpoint in {out} is from a different run: "
                 + ", ".join(mismatched[:4])
+                + f"; continue it with its own settings (python -m falqon_jax.train --out {out}"
+                " --resume) or choose another --out"
             )
-    elif saved.exists() or has_checkpoints(out):
+    elif holds_run and not mismatched:
+        raise UserError(f"--out {out} already holds this run; continue it with python -m "
+                        f"falqon_jax.train --out {out} --resume, or choose another --out")
+    elif holds_run:
         raise UserError(
-            f"--out {out} already holds a run; pass --resume to continue it or choose another --out"
+            f"--out {out} already holds a run with other settings ("
+            + ", ".join(mismatched[:4])
+            + f"); choose another --out (python -m falqon_jax.train --out {out} --resume "
+            "continues that run)"
         )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when missing or unreadable (e.g. cut short)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves either the old or the new file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 CHAR_TOKENIZER = "char"
@@ -382,14 +462,20 @@ def init_distributed(config: TrainConfig) -> None:
         jax.distributed.initialize()
 
 
-def _run(config: TrainConfig, resume: bool) -> RunResult:
+def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     mesh = build_mesh(config)
     prep = prepare(config)
     import jax
     from tqdm import tqdm
 
     from falqon_jax import sharding
-    from falqon_jax.train.checkpoints import CheckpointStore
+    from falqon_jax.train import state_parts
+    from falqon_jax.train.checkpoints import (
+        CheckpointError,
+        CheckpointStore,
+        QuietWrites,
+        complete_steps,
+    )
     from falqon_jax.train.data import batch_stream
     from falqon_jax.train.trainer import Trainer
 
@@ -398,6 +484,7 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
+    say = tqdm.write
 
     def forward(params, tokens, attention):
         return model.module.apply({"params": params}, tokens, attention)
@@ -412,18 +499,21 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
         return [sharding.global_batch(rows, a) for a in (batch.tokens, batch.mask,
                                                           batch.attention)]
 
-    store = CheckpointStore(out, config.keep_checkpoints)
+    changing = state_parts.changing_mask(
+        state, trainer.mask, writes_w8=state_parts.rule_writes_w8(config.method, config.rule))
+    store = CheckpointStore(out, config.keep_checkpoints, changing)
     start = 0
     metrics_path = out / "metrics.jsonl"
     if resume:
-        start = store.latest_step()
-        state = store.restore(start, state)
-        if primary:
+        found = store.restore_latest(state)
+        if found is None:
+            say(f"no checkpoint in {store.directory} yet: starting from step 0")
+        else:
+            start, state = found
+    if primary:
+        if resume:
             _truncate_metrics(metrics_path, start)
-    else:
-        if primary:
-            (out / "config.json").write_text(config.to_json() + "\n")
-    say = tqdm.write
+        _write_atomically(out / "config.json", config.to_json() + "\n")
     source = "built-in demo data" if config.is_demo else config.data
     say(f"falqon-jax: {config.method} on {config.model} ({source}), "
         f"{len(prep.train)} train / {len(prep.held_out)} held-out examples, "
@@ -441,15 +531,16 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                disable=not primary,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    step = start
+    step = saved = start
     last_eval = None
-    stop = _StopFlag()
+    longest = 0.0  # the longest loop iteration so far (step, evaluation, save), seconds
+    stop = StopRequests(config.max_time, started)
+    quiet = QuietWrites()
     try:
+        store.write_frozen(state)  # once per run: nothing happens when OUT/frozen holds it
         while step < config.steps:
-            if stop.requested:
-                raise KeyboardInterrupt
-            batch = next(stream)
             began = time.perf_counter()
+            batch = next(stream)
             new_state, metrics = trainer.train_step(state, *place(batch))
             loss = float(metrics["loss"])
             elapsed = time.perf_counter() - began
@@ -478,21 +569,44 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if step % config.save_every == 0 or step == config.steps:
-                store.save(step, state, meta(step))
-    except KeyboardInterrupt:
+                store.save(step, state, meta(step))  # written while training goes on
+                saved = step
+            longest = max(longest, time.perf_counter() - began)
+            if stop.should_stop(step, longest):
+                bar.close()
+                if saved != step:
+                    store.save(step, state, meta(step))
+                    saved = step
+                store.wait()
+                print(f"{stop.why}: saved step {step} to {store.directory}; continue with "
+                      "--resume", file=sys.stderr)
+                return RunResult(stop.exit_code, step, last_eval, out)
+        store.wait()  # the final checkpoint is on disk before the run reports success
+    except KeyboardInterrupt:  # Ctrl-C twice: abort at once, saving only a consistent state
         bar.close()
         if not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)):
-            store.save(step, state, meta(step))
-            print(f"\ninterrupted: saved step {step} to {store.directory}; continue with --resume",
-                  file=sys.stderr)
+            if saved != step:
+                store.save(step, state, meta(step))
+            store.wait()
+            print(f"\ninterrupted: saved step {step} to {store.directory}; continue with "
+                  "--resume", file=sys.stderr)
         else:
             print(f"\ninterrupted mid-step; the last checkpoint in {store.directory} is intact",
                   file=sys.stderr)
         return RunResult(EXIT_INTERRUPTED, step, last_eval, out)
+    except CheckpointError as err:
+        bar.close()
+        steps = complete_steps(out)
+        kept = f"step {steps[-1]} is the last complete checkpoint" if steps else \
+            "no checkpoint is complete yet"
+        print(f"error: {err}; {kept}: fix that (e.g. free space) and continue with --resume",
+              file=sys.stderr)
+        return RunResult(EXIT_CHECKPOINT, step, last_eval, out)
     finally:
         stop.restore()
         log.close()
         store.close()
+        quiet.restore()
     bar.close()
     model.params = state.params
     report_samples(prep, model, last_eval, mesh)
@@ -539,31 +653,20 @@ def gradient_aligned_params(config: TrainConfig, prep: Prepared, pad_id: int) ->
     return grad_init.realign(prep.model.params, dense.params, grads, norm)
 
 
-class _StopFlag:
-    """The first Ctrl-C asks the loop to stop after the current step (and save); a second
-    one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` (a resumed run logs them again)."""
+    """Drop lines logged after ``step`` (a resumed run logs them again) and a last line cut
+    short by a crash."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    _write_atomically(path, "".join(ln + "\n" for ln in kept))
 
 
 def report_samples(prep: Prepared, model: Any, eval_loss: float | None,

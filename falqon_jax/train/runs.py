@@ -2,10 +2,11 @@
 checkpoints, a Hugging Face checkpoint, an FP8 export, or a model card.
 
 A training run (``python -m falqon_jax.train --out OUT``) keeps its settings in
-``OUT/config.json`` and Orbax checkpoints in ``OUT/checkpoints/<step>/``. :func:`load_run`
-rebuilds the run's model (architecture from ``config.model``: a Hugging Face directory, a
-Hub model's config in the Hugging Face cache, or a model card; the linear methods, rank,
-alpha and targets from the run) without
+``OUT/config.json``, Orbax checkpoints of what training changes in ``OUT/checkpoints/<step>/``
+and the frozen rest of the model in ``OUT/frozen/``. :func:`load_run` rebuilds the run's
+model (architecture from ``config.model``: a Hugging Face directory, a Hub model's config in
+the Hugging Face cache, or a model card; the linear methods, rank, alpha and targets from
+the run) without
 converting any weights, then restores only the ``params`` of the checkpoint's train state,
 so optimizer moments and FALQON proxy buffers are never read.
 
@@ -31,6 +32,7 @@ from falqon_jax.model.llama import Llama, LlamaModel, abstract_params, plan_line
 from falqon_jax.model.loading import DTYPES, LoadError
 
 CHECKPOINTS = "checkpoints"
+FROZEN = "frozen"  # = falqon_jax.train.checkpoints.FROZEN
 
 
 # --------------------------------------------------------------------------------------
@@ -131,17 +133,42 @@ def restore_params(step_dir: Path, module: Llama) -> Any:
     """The ``params`` of the train state saved in ``step_dir`` (``OUT/checkpoints/N``).
 
     Restores onto ``module``'s parameter structure (casting to its dtypes) on the first
-    device. Only the params are read where Orbax supports partial restores.
+    device: the changing params from the step's ``state``, the frozen rest from the run's
+    ``OUT/frozen/state`` (written once per run; checkpoints of older versions hold every
+    param themselves). Only the params are read where Orbax supports partial restores.
     """
     import orbax.checkpoint as ocp
 
     abstract = abstract_params(module)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = abstract
+    frozen_dir = step_dir.parent.parent / FROZEN / "state"
+    for state_dir in (step_dir / "state", frozen_dir):
+        if not _missing(params) or not state_dir.is_dir():
+            continue
+        part = _restore_part(ocp, state_dir.resolve(), abstract, device, step_dir)
+        params = jax.tree.map(lambda have, new: have if isinstance(have, jax.Array) else new,
+                              params, part)
+    for path in _missing(params):
+        raise LoadError(
+            f"checkpoint {step_dir} does not fit the run's model (it lacks "
+            f"params{jax.tree_util.keystr(path)})"
+        )
+    return params
+
+
+def _missing(params: Any) -> list[Any]:
+    """Paths of the leaves not restored yet (still abstract)."""
+    return [path for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if not isinstance(leaf, jax.Array)]
+
+
+def _restore_part(ocp: Any, state_dir: Path, abstract: Any, device: Any, step_dir: Path) -> Any:
+    """The params saved in ``state_dir``; leaves it lacks stay as in ``abstract``."""
     target = {"params": abstract}
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=device, dtype=s.dtype), target
     )
-    state_dir = (step_dir / "state").resolve()
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # Orbax warns about metadata it does not need here
@@ -151,7 +178,8 @@ def restore_params(step_dir: Path, module: Llama) -> Any:
                                           partial_restore=True)
         except TypeError:  # older Orbax: no partial restores, read the whole state
             return _restore_all(ocp, state_dir, abstract, device)
-        restored = ocp.PyTreeCheckpointer().restore(state_dir, args=args)["params"]
+        # A partial restore leaves leaves the checkpoint lacks as they were: abstract.
+        return ocp.PyTreeCheckpointer().restore(state_dir, args=args)["params"]
     except (ValueError, KeyError, OSError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoadError(
@@ -159,26 +187,22 @@ def restore_params(step_dir: Path, module: Llama) -> Any:
         ) from None
     finally:
         absl_logger.setLevel(level)
-    # A partial restore leaves leaves the checkpoint lacks as they were: abstract.
-    for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
-        if not isinstance(leaf, jax.Array):
-            raise LoadError(
-                f"checkpoint {step_dir} does not fit the run's model (it lacks "
-                f"params{jax.tree_util.keystr(path)})"
-            )
-    return restored
 
 
 def _restore_all(ocp: Any, state_dir: Path, abstract: Any, device: Any) -> Any:
-    """Fallback: restore the whole saved state as nested dicts, then pick out the params."""
+    """Fallback: restore the whole saved state as nested dicts, then pick out the params
+    (leaves the checkpoint lacks stay as in ``abstract``)."""
     with warnings.catch_warnings():  # "sharding info not provided": one device is the aim
         warnings.simplefilter("ignore", UserWarning)
         saved = ocp.PyTreeCheckpointer().restore(state_dir)["params"]
 
-    def pick(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+    def pick(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> Any:
         node = saved
         for entry in path:
-            node = node[getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", None)))]
+            key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", None)))
+            if not isinstance(node, dict) or key not in node or node[key] is None:
+                return leaf
+            node = node[key]
         return jax.device_put(jnp.asarray(node, leaf.dtype), device)
 
     return jax.tree_util.tree_map_with_path(pick, abstract)
