@@ -122,6 +122,31 @@ def test_forward_bfloat16_returns_bfloat16():
     np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2.0**-8, atol=1e-6)
 
 
+def test_live_b_forward_in_bfloat16_rounds_each_term_once():
+    """With a live ``b`` in bfloat16 the melded GEMM writes ``y`` and ``A x`` in bfloat16,
+    ``(A x) b^T`` is a bfloat16 GEMM (``A x`` and ``b`` cast to it, float32 accumulation, its
+    result rounded) and the two are summed in bfloat16: each rounding is within 2^-8 of its
+    value, on top of float32 summation (float64 reference)."""
+    p = _live_layer(4)
+    x = np.random.default_rng(12).standard_normal((TOKENS, IN)).astype(np.float32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    y = melded.apply(p, xb)
+    assert y.dtype == jnp.bfloat16
+    w8, scale, b = np.asarray(p.w8), float(p.scale), np.asarray(p.b, np.float64)
+    y_ref, ax_ref, x8, sx = ref.melded_forward(w8, np.float32(scale), OUT,
+                                               np.asarray(xb.astype(jnp.float32)))
+    lora_abs = np.abs(ax_ref) @ np.abs(b).T
+    want = y_ref + ax_ref @ b.T
+    f32 = (ref.summation_bound(np.abs(ref.f64(x8)), np.abs(ref.f64(w8)).T, IN, float(sx) * scale)
+           [:, :OUT] + ref.summation_bound(np.abs(ax_ref), np.abs(b).T, RANK, 1.0) * 2)
+    # y rounded, A x and b rounded (each moves the product by 2^-8 of |A x| |b|), the
+    # product rounded, the sum rounded
+    bf16 = 2.0**-8 * (1 + 2.0**-7) * (np.abs(y_ref) + 3 * lora_abs + np.abs(want))
+    err = np.abs(np.asarray(y, np.float64) - want)
+    assert np.all(err <= f32 + bf16)
+    assert np.abs(ax_ref @ b.T).max() > 1e-2  # b is live: the bound is not vacuous for it
+
+
 def test_backward_matches_reference_and_freezes_w8():
     p = _layer(1)
     rng = np.random.default_rng(7)
