@@ -13,6 +13,9 @@ from falqon_jax.train.demo_data import CharTokenizer
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ALPACA = SHARED / "data" / "alpaca_data_1k.json"
 LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama"
+needs_alpaca = pytest.mark.skipif(not ALPACA.is_file(), reason="../shared/data not present")
+needs_llama_tokenizer = pytest.mark.skipif(
+    not (ALPACA.is_file() and LLAMA_TOKENIZER.is_dir()), reason="../shared not present")
 
 
 def _write(tmp_path, name, text):
@@ -21,6 +24,7 @@ def _write(tmp_path, name, text):
     return path
 
 
+@needs_alpaca
 def test_alpaca_file_uses_the_alpaca_template():
     examples = data.read_examples(ALPACA)
     assert len(examples) == 1000
@@ -62,6 +66,7 @@ def test_tokenize_masks_and_truncation():
     assert short.tokens.tolist()[-2:] == tok.encode("XY") and short.truncated
 
 
+@needs_llama_tokenizer
 def test_real_tokenizer_on_alpaca():
     from transformers import AutoTokenizer
 
