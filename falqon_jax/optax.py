@@ -147,6 +147,7 @@ RULES = ("visible", "visible_merge", "paper", "reference")
 ROUNDINGS = ("nearest", "stochastic", "feedback")
 DEFAULT_RULE = "visible"
 _PROXY_RULES = ("paper", "reference")
+_MERGING_RULES = ("visible_merge", *_PROXY_RULES)
 
 
 def rule_uses_live_b(rule: str) -> bool:
@@ -155,6 +156,14 @@ def rule_uses_live_b(rule: str) -> bool:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     return rule not in _PROXY_RULES
+
+
+def rule_merges_into_w8(rule: str) -> bool:
+    """Whether ``rule`` writes merged rows into the melded FP8 weights ``w8`` (every rule
+    but ``visible``, which never changes them while training)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    return rule in _MERGING_RULES
 
 
 def falqon_update(

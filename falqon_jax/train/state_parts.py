@@ -20,14 +20,12 @@ from typing import Any
 import jax
 
 from falqon_jax.melded import is_melded
-
-# FALQON update rules that write merged rows into ``w8`` (``visible`` never does).
-RULES_WRITING_W8 = ("visible_merge", "paper", "reference")
+from falqon_jax.optax import rule_merges_into_w8
 
 
 def rule_writes_w8(method: str, rule: str) -> bool:
     """Whether training with ``method``/``rule`` changes the melded FP8 weights."""
-    return method == "falqon" and rule in RULES_WRITING_W8
+    return method == "falqon" and rule_merges_into_w8(rule)
 
 
 def changing_mask(state: Any, trainable: Any, *, writes_w8: bool) -> Any:
