@@ -207,13 +207,14 @@ def check_out_dir(config: TrainConfig, resume: bool) -> None:
     Without ``--resume``, ``--out`` must hold no run. Each refusal names what works.
     """
     from falqon_jax.train.checkpoints import has_checkpoints
+    from falqon_jax.train.runs import read_json
 
     out = Path(config.out)
     saved = out / "config.json"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a directory")
     holds_run = saved.exists() or has_checkpoints(out)
-    previous = _read_json(saved)
+    previous = read_json(saved) or {}  # missing or unreadable (e.g. cut short): nothing
     # settings added to the identity since the run was saved compare as their defaults
     before = TrainConfig().identity() | previous if previous else {}
     mismatched = [
@@ -241,15 +242,6 @@ def check_out_dir(config: TrainConfig, resume: bool) -> None:
             + f"); choose another --out (python -m falqon_jax.train --out {out} --resume "
             "continues that run)"
         )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ``{}`` when missing or unreadable (e.g. cut short)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write_atomically(path: Path, text: str) -> None:
