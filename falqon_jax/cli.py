@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from falqon_jax.targets import plugin_installed
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -28,8 +32,46 @@ def cpu_unless_gpu() -> None:
         return
     if Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists():
         return
-    plugins = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
-    if any(importlib.util.find_spec(name) is not None for name in plugins):
+    if plugin_installed():
         os.environ["JAX_PLATFORMS"] = "cpu"
         if "jax" in sys.modules:  # imported already: its config read the environment
             sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+def quiet_output() -> None:
+    """For the command lines: print only what concerns the user. transformers' notice that
+    PyTorch was not found is turned off (``TRANSFORMERS_NO_ADVISORY_WARNINGS``; an explicit
+    setting wins): the project uses transformers' tokenizers and configs, never its PyTorch
+    models. The project's own warnings print as one ``note:`` line each, without a file name
+    or source line. Call before transformers is imported."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    show = warnings.showwarning
+    if getattr(show, "one_line_notes", False):
+        return
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package):
+            print(f"note: {message}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    one_line.one_line_notes = True  # type: ignore[attr-defined]
+    warnings.showwarning = one_line
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """While inside, the logger ``name`` shows only records of ``level`` and above: a
+    library's notes that do not concern the user stay off the screen, its errors still
+    show."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from falqon_jax.cli import cpu_unless_gpu
+    from falqon_jax.cli import cpu_unless_gpu, quiet_output
 
     cpu_unless_gpu()
+    quiet_output()
     sys.exit(main())

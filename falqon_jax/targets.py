@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from falqon_jax import packaged
+
 GIB = 2**30
 
 
@@ -139,9 +141,17 @@ def get(name: str) -> Target:
                           f"{', '.join(TARGETS)}") from None
 
 
+CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+
+
 def plugin_installed() -> bool:
-    """Whether JAX's CUDA plugin (the GPU compiler) is installed."""
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    """Whether JAX's CUDA plugin (the GPU compiler; the ``h100`` extra) is installed.
+
+    Without any JAX plugin the namespace package ``jax_plugins`` does not exist, and
+    ``find_spec`` of one of its submodules would raise, so the parent is looked up first."""
+    if importlib.util.find_spec("jax_plugins") is None:
+        return False
+    return any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
 
 
 def use_compile_only() -> None:
@@ -149,7 +159,8 @@ def use_compile_only() -> None:
     a driver. Must run before JAX first uses a device; raises :class:`TargetError` when the
     plugin is missing or JAX already runs on another platform."""
     if not plugin_installed():
-        raise TargetError('compiling for a GPU needs JAX\'s CUDA plugin: pip install -e ".[h100]"')
+        raise TargetError("compiling for a GPU needs JAX's CUDA plugin: "
+                          + packaged.install_command("h100"))
     import jax
     from jax._src import xla_bridge
 

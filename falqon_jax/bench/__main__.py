@@ -2,9 +2,10 @@
 
 import sys
 
-from falqon_jax.cli import cpu_unless_gpu
+from falqon_jax.cli import cpu_unless_gpu, quiet_output
 
 cpu_unless_gpu()
+quiet_output()
 
 from falqon_jax.bench.cli import main  # noqa: E402
 

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gpu", help="compile every train step for a GPU without one: memory, FP8 GEMMs, "
         "copies, roofline bounds",
         description="Compile the train step of every method for a compile-only GPU (default "
-        "an H100 SXM; needs pip install -e '.[h100]', no GPU) on both GEMM back ends, for "
+        "an H100 SXM; needs the h100 extra, no GPU) on both GEMM back ends, for "
         "linear layers and whole models at the paper's settings, and report peak memory, "
         "GEMMs by precision, widened FP8 operands, FP8 copies and roofline lower bounds "
         "(see falqon_jax.bench.gpu).",

@@ -1,7 +1,8 @@
 """LLaMA architecture description: :class:`LlamaConfig`, read from Hugging Face or a model card.
 
-Model cards are TOML files in the repository's top-level ``models/`` folder (or the folder
-named by the ``FALQON_MODELS_DIR`` environment variable). A card holds the
+Model cards are TOML files in the repository's top-level ``models/`` folder, shipped inside
+the package as ``falqon_jax/cards`` (:mod:`falqon_jax.packaged`), or in the folder named by
+the ``FALQON_MODELS_DIR`` environment variable. A card holds the
 :class:`LlamaConfig` fields at top level, an optional ``[rope_scaling]`` table, a
 ``description`` and, for a published model, ``source``: the Hugging Face Hub name of its
 weights (:func:`card_source`), which ``--model CARD`` fine-tunes.
@@ -15,6 +16,8 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from falqon_jax import packaged
 
 MODELS_DIR_ENV = "FALQON_MODELS_DIR"
 _CARD_INFO_KEYS = ("description", "source")
@@ -139,17 +142,17 @@ class LlamaConfig:
 
 
 def models_dir() -> Path:
-    """The model-card folder: ``$FALQON_MODELS_DIR`` or ``models/`` at the repository root."""
+    """The model-card folder: ``$FALQON_MODELS_DIR``, else the cards shipped with the
+    package (``models/`` in the repository)."""
     env = os.environ.get(MODELS_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+    return packaged.cards_dir()
 
 
 def available_cards() -> list[str]:
     """Names of the model cards found in :func:`models_dir` (sorted)."""
-    folder = models_dir()
-    return sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    return packaged.names(models_dir())
 
 
 def _read_card(name: str) -> tuple[Path, dict[str, Any]]:

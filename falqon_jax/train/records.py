@@ -20,16 +20,14 @@ seed, are the same on every run. Errors raise :class:`DataError` with one line.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
-from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 from falqon_jax import hub
+from falqon_jax.cli import quiet_logger
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 # Data files of a Hub data set repository without declared configurations.
@@ -204,25 +202,12 @@ def _declared_configs(readme: Path) -> dict[str, dict[str, Any]]:
     from datasets.utils.metadata import MetadataConfigs
     from huggingface_hub import DatasetCard
 
-    try:
-        with _quiet_card_warnings():
+    try:  # "Repo card metadata block was not found" is normal for a data set README
+        with quiet_logger("huggingface_hub.repocard"):
             card = DatasetCard.load(readme)
         return dict(MetadataConfigs.from_dataset_card_data(card.data))
     except (ValueError, TypeError, AttributeError):
         return {}  # an unreadable header: let datasets infer from the files
-
-
-@contextlib.contextmanager
-def _quiet_card_warnings() -> Iterator[None]:
-    """Silence "Repo card metadata block was not found": a README without a YAML header is
-    normal for a data set (its splits come from its file names)."""
-    logger = logging.getLogger("huggingface_hub.repocard")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _default_config(configs: dict[str, dict[str, Any]], name: hub.HubName) -> str:
@@ -257,7 +242,7 @@ def _config_patterns(params: dict[str, Any]) -> tuple[str, ...]:
 def _load_dataset(directory: Path, label: str, split: str, config: str | None) -> Records:
     datasets = _import_datasets()
     try:
-        with _quiet_card_warnings():
+        with quiet_logger("huggingface_hub.repocard"):
             loaded = datasets.load_dataset(str(directory), name=config, split=split)
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetGenerationError) as err:
         raise DataError(f"data set {label}: {_first_line(err)}") from None
