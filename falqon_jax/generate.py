@@ -15,7 +15,9 @@ stdout: text, or comma-separated ids with
 temperature + top-p (nucleus) sampling, reproducible with ``--seed``. Generation stops at
 the end-of-sequence token unless ``--ignore-eos``.
 
-Mistakes end with one line on stderr and exit code 2.
+Mistakes end with one line on stderr and exit code 2; a run's checkpoint (or ``OUT/frozen``)
+that cannot be read or differs from its fingerprint, with one line and exit code 74, as
+``--resume`` checks it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from falqon_jax.cli import OneLineParser
@@ -72,13 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0, or 2 for a mistake)."""
+    """Run the command line; returns the exit code (0, 2 for a mistake, 74 for a damaged
+    checkpoint)."""
+    from falqon_jax.train.checkpoints import CheckpointError
+    from falqon_jax.train.run import EXIT_CHECKPOINT
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (UsageError, LoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -129,6 +139,11 @@ def load_tokenizer(loaded: Loaded, override: str | None) -> Any:
         raise UsageError(
             "this model has no known tokenizer: pass --tokenizer DIR, or --prompt-ids"
         )
+    from falqon_jax.model.resolve import TOKENIZER_FILES
+
+    if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES[:3]):
+        raise UsageError(f"--tokenizer {override} holds no tokenizer (tokenizer.json, "
+                         "tokenizer.model or tokenizer_config.json)")
     from transformers import AutoTokenizer
 
     try:
@@ -240,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from falqon_jax.cli import cpu_unless_gpu
+    from falqon_jax.cli import cpu_unless_gpu, quiet_output
 
     cpu_unless_gpu()
+    quiet_output()
     sys.exit(main())

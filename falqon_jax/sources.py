@@ -93,7 +93,9 @@ def load_any(
     defaults to the run's, else ``"bfloat16"``. A Hub name, or a card's Hub ``source``, is
     downloaded into the Hugging Face cache (or read from it offline); ``init="random"`` gives
     random weights instead (a card's architecture; a Hub model's from its config alone).
-    Raises :class:`LoadError` with a one-line message for anything unusable.
+    Raises :class:`LoadError` with a one-line message for anything unusable, and
+    :class:`~falqon_jax.train.checkpoints.CheckpointError` (one line) for a run's checkpoint
+    or ``OUT/frozen`` that cannot be read or differs from its fingerprint.
     """
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype must be one of {DTYPES}, got {dtype!r}")

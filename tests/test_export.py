@@ -19,7 +19,7 @@ from falqon_jax.export import reader as export_reader
 from falqon_jax.model import methods
 from falqon_jax.model.llama import ALL_TARGETS
 from falqon_jax.model.loading import LoadError
-from falqon_jax.train.runs import _restore_all, load_run, run_module
+from falqon_jax.train.runs import load_run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -554,23 +554,25 @@ def test_load_run_restores_the_latest_or_a_given_checkpoint(run, falqon):
     assert_same_params(latest.params, falqon.params)
 
 
-def test_restore_fallback_reads_the_whole_state(run, falqon):
-    """The path for Orbax versions without partial restores: the step's changing params,
-    then the run's frozen ones."""
-    import orbax.checkpoint as ocp
+def test_restore_merges_the_step_with_the_frozen_part(run, falqon):
+    """``falqon_jax.restore``: the params as nested dicts of path names, the step's changing
+    ones (``b`` and, as saved here, ``w8``) merged with the run's frozen ones (``scale``,
+    norms, embeddings), bit for bit."""
+    from falqon_jax import restore
+    from falqon_jax.train.state_parts import select
 
-    from falqon_jax.model.llama import abstract_params
-    from falqon_jax.train.runs import read_run_config
+    def as_dicts(params):
+        return select(params, jax.tree.map(lambda _: True, params))
 
-    module = run_module(read_run_config(run))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = abstract_params(module)
-    trained = _restore_all(ocp, (run / "checkpoints" / "10" / "state").resolve(), abstract,
-                           device)
-    frozen = _restore_all(ocp, (run / "frozen" / "state").resolve(), abstract, device)
-    assert isinstance(trained["embed_tokens"], jax.ShapeDtypeStruct)  # not in a checkpoint
-    params = jax.tree.map(lambda t, f: t if isinstance(t, jax.Array) else f, trained, frozen)
-    assert_same_params(params, falqon.params)
+    for path, step, want in [(run, None, falqon.params), (run, 5, falqon.original_params),
+                             (run / "checkpoints" / "10", None, falqon.params)]:
+        restored = restore(path, step)
+        assert restored.step == (step or 10) and restored.config.rank == 16
+        assert_same_params(restored.params, as_dicts(want))
+    with pytest.raises(LoadError, match="no checkpoint of step 7 .*steps 5, 10"):
+        restore(run, 7)
+    with pytest.raises(LoadError, match="checkpoint of step 10, not of step 5"):
+        restore(run / "checkpoints" / "10", 5)
 
 
 def test_export_from_a_run(run, falqon, tmp_path, capsys):

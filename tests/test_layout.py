@@ -18,11 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "falqon_jax"
 # Layer of each top-level part; a module may import its own layer's modules and lower layers.
 LAYERS = {
     "falqon_jax.fp8": 0, "falqon_jax.sharding": 0, "falqon_jax.cli": 0, "falqon_jax.hub": 0,
-    "falqon_jax.targets": 0, "falqon_jax.gpu_program": 0,
+    "falqon_jax.targets": 0, "falqon_jax.gpu_program": 0, "falqon_jax.packaged": 0,
     "falqon_jax.melded": 1, "falqon_jax.optax": 1,
     "falqon_jax.baselines": 2,
-    "falqon_jax.model": 3, "falqon_jax": 3,  # the package root only offers load_model
+    "falqon_jax.model": 3,
     "falqon_jax.train": 4, "falqon_jax.export": 4,
+    "falqon_jax": 4,  # the package root: load_model (model) and restore (train.runs)
     "falqon_jax.sources": 5,
     "falqon_jax.export.cli": 6, "falqon_jax.export.__main__": 6, "falqon_jax.generate": 6,
     "falqon_jax.bench": 6, "falqon_jax.demo": 6,

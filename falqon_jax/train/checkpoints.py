@@ -10,6 +10,10 @@ Layout of ``OUT``:
   position, the fingerprints of the changing part and of the frozen part it goes with).
 * ``damaged/<step>/`` -- checkpoints that could not be restored, set aside, never deleted.
 
+:meth:`CheckpointStore.restore_latest` (``--resume``) and :func:`read_checkpoint` (reading a
+run back: ``generate``, ``export``, :func:`falqon_jax.restore`) prove what they restore
+against both fingerprints (:func:`fingerprint_mismatch`).
+
 Saves are asynchronous: :meth:`CheckpointStore.save` returns once the arrays are copied off
 the devices, and the files are written while training goes on; the next save, :meth:`wait`
 and :meth:`close` wait for it. Orbax writes each checkpoint into a temporary directory and
@@ -18,6 +22,7 @@ renames it when complete, so a crash mid-write leaves the previous checkpoints a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +35,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from falqon_jax.cli import quiet_logger
 from falqon_jax.train import state_parts
 from falqon_jax.train.fingerprint import fingerprint
 
@@ -57,6 +63,23 @@ def _reason(err: BaseException) -> str:
 
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def fingerprint_mismatch(tree: Any, wanted: str | None) -> str | None:
+    """Why ``tree`` is not the tree saved with fingerprint ``wanted`` (one line), or
+    ``None`` when it is, bit for bit."""
+    got = fingerprint(tree)
+    if got == wanted:
+        return None
+    return f"its arrays differ from their fingerprint ({got} != {wanted})"
+
+
+def _read_state(directory: Path, target: Any) -> Any:
+    """The ``state`` item of the checkpoint in ``directory`` (``OUT/checkpoints/STEP`` or
+    ``OUT/frozen``), restored onto ``target`` (its structure, dtypes and shardings)."""
+    reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    return reader.restore(directory, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target))).state
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -220,10 +243,9 @@ class CheckpointStore:
                 continue
             if "format" not in meta:  # a checkpoint of the whole state
                 return step, restored
-            got = fingerprint(restored)
-            if got != meta.get("fingerprint"):
-                self._set_aside(step, f"its arrays differ from their fingerprint ({got} != "
-                                      f"{meta.get('fingerprint')})")
+            why = fingerprint_mismatch(restored, meta.get("fingerprint"))
+            if why is not None:
+                self._set_aside(step, why)
                 continue
             frozen = self._frozen_part(meta.get("frozen_fingerprint"), like)
             return step, state_parts.fill(state_parts.fill(like, self.changing, restored),
@@ -246,19 +268,16 @@ class CheckpointStore:
         if fingerprint(derived) == wanted:
             return derived
         target = state_parts.select(_abstract(like), self.frozen)
-        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
         why = "unreadable on another process"
         try:
-            restored = reader.restore(self.frozen_dir, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target))).state
+            restored = _read_state(self.frozen_dir, target)
             ok = True
         except Exception as err:
             restored, ok, why = None, False, _reason(err)
         if _all_processes_agree(ok):
-            got = fingerprint(restored)
-            if got == wanted:
+            why = fingerprint_mismatch(restored, wanted)
+            if why is None:
                 return restored
-            why = f"fingerprint {got} != {wanted}"
         raise CheckpointError(
             f"the frozen weights of this run in {self.frozen_dir} cannot be restored ({why}) "
             "and the model does not give the same ones again; restore them from a backup, "
@@ -292,6 +311,95 @@ def complete_steps(out: str | Path) -> list[int]:
 
 def has_checkpoints(out: str | Path) -> bool:
     return bool(complete_steps(out))
+
+
+# --------------------------------------------------------------------------------------
+# Reading a run back, read-only.
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedStep:
+    """One checkpoint of a run as saved, proven against its fingerprints
+    (:func:`read_checkpoint`). Trees are nested dicts of path names (as
+    :func:`falqon_jax.train.state_parts.select` makes them), every array on one device.
+
+    ``changing``: the step's ``state``: ``params`` (the trainable leaves, plus every melded
+    ``w8`` under the merging rules), ``opt_state``, ``falqon_state``, ``step``. ``frozen``:
+    ``OUT/frozen``'s, ``{"params": ...}`` (the rest of the params); ``{}`` for a run without
+    one (``full``) and for a checkpoint of the earlier layout, whose ``changing`` is the whole
+    train state. ``meta``: the checkpoint's JSON (identity settings, step, fingerprints).
+    """
+
+    step: int
+    meta: dict[str, Any]
+    changing: dict[str, Any]
+    frozen: dict[str, Any]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The model's params: the changing and the frozen ones as one nested dict."""
+        return state_parts.merge(self.frozen.get("params", {}), self.changing.get("params", {}))
+
+
+def read_checkpoint(step_dir: str | Path, device: jax.Device | None = None) -> SavedStep:
+    """``OUT/checkpoints/STEP`` and the run's ``OUT/frozen`` as saved, with their arrays
+    on ``device`` (default: the first), whatever mesh wrote them; nothing on disk changes.
+
+    Both parts are proven bit for bit against the fingerprints the checkpoint recorded, as
+    :meth:`CheckpointStore.restore_latest` (``--resume``) proves them; a checkpoint of the
+    earlier layout (no fingerprints) is read as it is. Raises :class:`CheckpointError`, one
+    line naming the damaged directory and what to do, when either cannot be read or differs
+    from its fingerprint.
+    """
+    with quiet_logger("absl"):  # Orbax's "Metadata file does not exist" notes
+        return _read_checkpoint(Path(step_dir).resolve(), device)
+
+
+def _read_checkpoint(step_dir: Path, device: jax.Device | None) -> SavedStep:
+    out = step_dir.parent.parent
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    try:
+        reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        meta = dict(reader.restore(step_dir, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+        changing = _read_as_saved(step_dir, sharding)
+        why = None if "format" not in meta else \
+            fingerprint_mismatch(changing, meta.get("fingerprint"))
+    except Exception as err:  # whatever Orbax or TensorStore raise for bad files
+        meta, changing, why = {}, {}, _reason(err)
+    if why is not None:
+        earlier = [s for s in complete_steps(out) if s < int(step_dir.name)]
+        todo = (f"load an earlier one ({out / CHECKPOINTS / str(earlier[-1])})" if earlier
+                else "restore it from a backup")
+        raise CheckpointError(
+            f"checkpoint {step_dir} cannot be restored ({why}); {todo}, or continue the run "
+            f"from the one before with `python -m falqon_jax.train --out {out} --resume`, "
+            "which sets it aside")
+    frozen: dict[str, Any] = {}
+    wanted = meta.get("frozen_fingerprint")
+    if "format" in meta and wanted is not None:  # None: the frozen part has no arrays
+        frozen_dir = out / FROZEN
+        try:
+            frozen = _read_as_saved(frozen_dir, sharding)
+            why = fingerprint_mismatch(frozen, wanted)
+        except Exception as err:
+            why = _reason(err)
+        if why is not None:
+            raise CheckpointError(
+                f"the frozen weights of this run in {frozen_dir} cannot be restored ({why}); "
+                "restore them from a backup (no checkpoint of this run loads without them)")
+    return SavedStep(int(meta.get("step", step_dir.name)), meta, changing, frozen)
+
+
+def _read_as_saved(directory: Path, sharding: jax.sharding.Sharding) -> Any:
+    """The ``state`` item of ``directory`` with the tree, shapes and dtypes it was saved
+    with (from its metadata), every array placed by ``sharding``."""
+    saved = ocp.StandardCheckpointer().metadata(directory / "state")
+    saved = getattr(saved, "item_metadata", saved)  # Orbax versions differ in the wrapping
+    saved = getattr(saved, "tree", saved)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          saved)
+    return _read_state(directory, target)
 
 
 class QuietWrites:

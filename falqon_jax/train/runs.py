@@ -6,9 +6,10 @@ A training run (``python -m falqon_jax.train --out OUT``) keeps its settings in
 and the frozen rest of the model in ``OUT/frozen/``. :func:`load_run` rebuilds the run's
 model (architecture from ``config.model``: a Hugging Face directory, a Hub model's config in
 the Hugging Face cache, or a model card; the linear methods, rank, alpha and targets from
-the run) without
-converting any weights, then restores only the ``params`` of the checkpoint's train state,
-so optimizer moments and FALQON proxy buffers are never read.
+the run) without converting any weights, then fills it with the checkpoint's params.
+:func:`restore` gives the params alone, as plain nested dicts (for other trainers). Both read
+through :func:`falqon_jax.train.checkpoints.read_checkpoint`, which proves the checkpoint and
+``OUT/frozen`` against their fingerprints as ``--resume`` does.
 
 :func:`load_any` picks the right loader for a path or name, for the ``generate`` and
 ``export`` command-line tools.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -32,7 +32,6 @@ from falqon_jax.model.llama import Llama, LlamaModel, abstract_params, plan_line
 from falqon_jax.model.loading import DTYPES, LoadError
 
 CHECKPOINTS = "checkpoints"
-FROZEN = "frozen"  # = falqon_jax.train.checkpoints.FROZEN
 
 
 # --------------------------------------------------------------------------------------
@@ -130,86 +129,46 @@ def run_module(config: Any, dtype: str | None = None) -> Llama:
 
 
 def restore_params(step_dir: Path, module: Llama) -> Any:
-    """The ``params`` of the train state saved in ``step_dir`` (``OUT/checkpoints/N``).
-
-    Restores onto ``module``'s parameter structure (casting to its dtypes) on the first
-    device: the changing params from the step's ``state``, the frozen rest from the run's
-    ``OUT/frozen/state`` (written once per run; checkpoints of older versions hold every
-    param themselves). Only the params are read where Orbax supports partial restores.
+    """The params of the checkpoint ``step_dir`` (``OUT/checkpoints/N``) in ``module``'s
+    parameter structure and dtypes, on the first device: the step's changing params and the
+    run's frozen ones (``OUT/frozen``), both proven against their fingerprints
+    (:func:`falqon_jax.train.checkpoints.read_checkpoint`; the step's optimizer state is
+    read for that too). Raises :class:`~falqon_jax.train.checkpoints.CheckpointError` for a
+    damaged checkpoint and :class:`LoadError` for one that does not fit ``module``.
     """
-    import orbax.checkpoint as ocp
+    from falqon_jax.train.checkpoints import read_checkpoint
 
-    abstract = abstract_params(module)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = abstract
-    frozen_dir = step_dir.parent.parent / FROZEN / "state"
-    for state_dir in (step_dir / "state", frozen_dir):
-        if not _missing(params) or not state_dir.is_dir():
-            continue
-        part = _restore_part(ocp, state_dir.resolve(), abstract, device, step_dir)
-        params = jax.tree.map(lambda have, new: have if isinstance(have, jax.Array) else new,
-                              params, part)
-    for path in _missing(params):
-        raise LoadError(
-            f"checkpoint {step_dir} does not fit the run's model (it lacks "
-            f"params{jax.tree_util.keystr(path)})"
-        )
-    return params
+    return fit_params(read_checkpoint(step_dir).params, module, step_dir)
 
 
-def _missing(params: Any) -> list[Any]:
-    """Paths of the leaves not restored yet (still abstract)."""
-    return [path for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-            if not isinstance(leaf, jax.Array)]
+def fit_params(saved: dict[str, Any], module: Llama, step_dir: Path) -> Any:
+    """``saved`` (nested dicts of path names, as :func:`restore` gives them) in ``module``'s
+    parameter structure, cast to its dtypes; leaves ``module`` does not have are dropped.
+    Raises :class:`LoadError` for a leaf missing or of another shape."""
+    from falqon_jax.train.state_parts import path_names
+
+    def take(path: tuple[Any, ...], want: jax.ShapeDtypeStruct) -> jax.Array:
+        node: Any = saved
+        for name in path_names(path):
+            if not isinstance(node, dict) or name not in node:
+                raise LoadError(f"checkpoint {step_dir} does not fit the run's model (it lacks "
+                                f"params{jax.tree_util.keystr(path)})")
+            node = node[name]
+        if tuple(node.shape) != tuple(want.shape):
+            raise LoadError(
+                f"checkpoint {step_dir} does not fit the run's model "
+                f"(params{jax.tree_util.keystr(path)} of shape {tuple(node.shape)} is not "
+                f"compatible with the model's {tuple(want.shape)})")
+        return node if node.dtype == want.dtype else node.astype(want.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, abstract_params(module))
 
 
-def _restore_part(ocp: Any, state_dir: Path, abstract: Any, device: Any, step_dir: Path) -> Any:
-    """The params saved in ``state_dir``; leaves it lacks stay as in ``abstract``."""
-    target = {"params": abstract}
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=device, dtype=s.dtype), target
-    )
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns about metadata it does not need here
-    try:
-        try:
-            args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                          partial_restore=True)
-        except TypeError:  # older Orbax: no partial restores, read the whole state
-            return _restore_all(ocp, state_dir, abstract, device)
-        # A partial restore leaves leaves the checkpoint lacks as they were: abstract.
-        return ocp.PyTreeCheckpointer().restore(state_dir, args=args)["params"]
-    except (ValueError, KeyError, OSError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoadError(
-            f"checkpoint {step_dir} does not fit the run's model ({message.split('. ')[0]})"
-        ) from None
-    finally:
-        absl_logger.setLevel(level)
-
-
-def _restore_all(ocp: Any, state_dir: Path, abstract: Any, device: Any) -> Any:
-    """Fallback: restore the whole saved state as nested dicts, then pick out the params
-    (leaves the checkpoint lacks stay as in ``abstract``)."""
-    with warnings.catch_warnings():  # "sharding info not provided": one device is the aim
-        warnings.simplefilter("ignore", UserWarning)
-        saved = ocp.PyTreeCheckpointer().restore(state_dir)["params"]
-
-    def pick(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> Any:
-        node = saved
-        for entry in path:
-            key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", None)))
-            if not isinstance(node, dict) or key not in node or node[key] is None:
-                return leaf
-            node = node[key]
-        return jax.device_put(jnp.asarray(node, leaf.dtype), device)
-
-    return jax.tree_util.tree_map_with_path(pick, abstract)
-
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``(run_dir, step_dir)`` for a run directory (its latest checkpoint) or a step directory.
+def resolve_checkpoint(
+    path: str | os.PathLike[str], step: int | None = None
+) -> tuple[Path, Path]:
+    """``(run_dir, step_dir)`` for a run directory (its checkpoint of ``step``, default the
+    latest) or a step directory (``step``, if given, must be its).
 
     Raises :class:`LoadError` for anything else, saying what the path is instead.
     """
@@ -220,13 +179,18 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Path]:
         run_dir = p.parent.parent
         if not is_run_config(read_json(run_dir / "config.json")):
             raise LoadError(f"{p} is a checkpoint but {run_dir}/config.json is missing")
+        if step is not None and int(p.name) != step:
+            raise LoadError(f"{p} is the checkpoint of step {p.name}, not of step {step}")
         return run_dir, p
     config = read_json(p / "config.json")
     if is_run_config(config):
         steps = checkpoint_steps(p)
         if not steps:
             raise LoadError(f"{p} is a training run without checkpoints (none saved yet)")
-        return p, p / CHECKPOINTS / str(steps[-1])
+        if step is not None and step not in steps:
+            raise LoadError(f"{p} has no checkpoint of step {step} (it has steps "
+                            f"{', '.join(map(str, steps))})")
+        return p, p / CHECKPOINTS / str(steps[-1] if step is None else step)
     if not p.exists():
         raise LoadError(f"{p} does not exist")
     if "model_type" in (config or {}):
@@ -254,6 +218,8 @@ def load_run(
     Raises:
       LoadError: a path that is neither, a run without checkpoints, a model that no longer
         exists, or a checkpoint that does not match the run's settings.
+      CheckpointError: the checkpoint or ``OUT/frozen`` is damaged (unreadable, or its
+        arrays differ from their fingerprint); one line naming it and what to do.
     """
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -261,3 +227,77 @@ def load_run(
     config = read_run_config(run_dir)
     module = run_module(config, dtype)
     return LlamaModel(module, restore_params(step_dir, module)), config
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+    """A run's trained params and settings, as :func:`restore` gives them.
+
+    ``params``: nested dicts of ``jax.Array`` (see :func:`restore` for the layout);
+    ``config``: the run's :class:`~falqon_jax.train.config.TrainConfig`; ``step``: the
+    checkpoint's step; ``checkpoint``: its directory, ``OUT/checkpoints/STEP``.
+    """
+
+    params: dict[str, Any]
+    config: Any
+    step: int
+    checkpoint: Path
+
+
+def restore(path: str | os.PathLike[str], step: int | None = None) -> RestoredRun:
+    """The trained params of a run, for any JAX code: no model is built, nothing converted.
+
+    Args:
+      path: the run's ``--out`` directory, ``OUT`` (with ``step``: that checkpoint, else the
+        latest), or one checkpoint, ``OUT/checkpoints/STEP``.
+      step: the step of the checkpoint to read (default: ``path``'s, or the latest).
+
+    The step's checkpoint (what training changes) and ``OUT/frozen`` (the rest, written once
+    per run) are merged, after both are proven bit for bit against the fingerprints the
+    checkpoint recorded, as ``--resume`` proves them (the step's optimizer state is read for
+    that too). Checkpoints of the earlier layout hold every param and have no fingerprints.
+
+    Returns:
+      :class:`RestoredRun`. ``params`` is the Flax params tree of the run's
+      :class:`~falqon_jax.model.llama.Llama` as plain nested dicts of ``jax.Array`` on the
+      first device, bit for bit as trained (``jax.device_put`` places them elsewhere,
+      ``numpy.asarray`` copies them to the host). With ``L`` decoder layers, hidden size
+      ``H`` and vocabulary ``V``; ``dtype`` is the run's ``--dtype``::
+
+        embed_tokens                     (V, H) dtype
+        layers/input_layernorm/weight    (L, H) float32; also post_attention_layernorm
+        layers/self_attn/{q,k,v,o}_proj  a linear layer, stacked: leading axis L
+        layers/mlp/{gate,up,down}_proj   a linear layer, stacked: leading axis L
+        norm/weight                      (H,) float32
+        lm_head                          a linear layer (absent: tied to embed_tokens)
+
+      A linear layer ``y = x W^T`` with ``W`` of shape ``(out, in)``, by ``config.method``
+      (``r = config.rank``; layers left unconverted, and ``full``, are ``w``):
+
+      * ``falqon``: ``w8`` float8_e4m3fn ``(L, out + r, in)``, the melded ``[W; A]``: rows
+        ``[:out]`` are ``W``, rows ``[out:]`` the frozen LoRA factor ``A``, both
+        ``w8.astype(float32) * scale``; ``scale`` float32 ``(L,)``; ``b`` float32
+        ``(L, out, r)``. The layer computes ``x W^T + (A x) b^T`` (the live rules, the
+        default ``visible``); under ``paper``/``reference`` ``b`` is zero.
+      * ``lora``: ``w`` dtype ``(L, out, in)``, ``a`` float32 ``(L, r, in)``, ``b`` float32
+        ``(L, out, r)``; ``y = x W^T + (alpha / r) (x a^T) b^T``.
+      * ``fp8_lora``: ``w8`` float8_e4m3fn ``(L, out, in)`` and ``scale`` float32 ``(L,)``
+        (``W = w8 * scale``), ``a`` and ``b`` as for ``lora``.
+      * ``qlora``: ``w`` the NF4 weight (``codes``, ``absmax_q``, ``absmax_scale``,
+        ``absmax_offset``: :class:`falqon_jax.baselines.nf4.NF4Tensor`), ``a``, ``b`` as
+        for ``lora``.
+      * ``w``: dtype ``(L, out, in)``.
+
+      ``lm_head`` has no ``L`` axis (``(V, H)`` weight: ``out = V``, ``in = H``).
+
+    Raises:
+      LoadError: ``path`` is not a run or one of its checkpoints, or ``step`` is not saved.
+      CheckpointError: the checkpoint or ``OUT/frozen`` cannot be read or differs from its
+        fingerprint (one line naming it and what to do).
+    """
+    from falqon_jax.train.checkpoints import read_checkpoint
+
+    run_dir, step_dir = resolve_checkpoint(path, step)
+    config = read_run_config(run_dir)
+    saved = read_checkpoint(step_dir)
+    return RestoredRun(saved.params, config, saved.step, step_dir)

@@ -50,13 +50,18 @@ def _name(entry: Any) -> str:
     raise TypeError(f"unsupported pytree path entry {entry!r}")
 
 
+def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The names a leaf at the pytree key ``path`` has in a part (see :func:`select`)."""
+    return tuple(_name(e) for e in path)
+
+
 def _paths(tree: Any, mask: Any) -> list[tuple[tuple[str, ...], bool, Any]]:
     """``(names, selected, leaf)`` for every leaf of ``tree`` (``mask`` has its structure)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     flags = jax.tree.leaves(mask)
     if len(flags) != len(leaves):
         raise ValueError(f"mask has {len(flags)} leaves, the tree {len(leaves)}")
-    return [(tuple(_name(e) for e in path), bool(flag), leaf)
+    return [(path_names(path), bool(flag), leaf)
             for (path, leaf), flag in zip(leaves, flags, strict=True)]
 
 
@@ -89,3 +94,19 @@ def fill(tree: Any, mask: Any, part: dict[str, Any]) -> Any:
             leaf = node
         leaves.append(leaf)
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+
+
+def merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    """One nested dict with the leaves of all ``parts`` (nested dicts of path names, as
+    :func:`select` makes them, holding disjoint leaves: e.g. a run's frozen params and a
+    step's changing ones). Raises ``ValueError`` for a path in two parts."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = value
+            elif isinstance(merged[key], dict) and isinstance(value, dict):
+                merged[key] = merge(merged[key], value)
+            else:
+                raise ValueError(f"{key!r} is in two parts")
+    return merged
