@@ -36,23 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "model (default: the source's, when known)")
     p.add_argument("--method", default="full",
                    help="linear method for converting a Hugging Face directory (default full)")
-    p.add_argument("--rank", type=int, default=64, help="adapter rank for --method")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha for --method")
+    p.add_argument("--rank", type=int, default=64, help="adapter rank for --method (default 64)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha for --method (default 16)")
     p.add_argument("--no-falqon-a", dest="falqon_a", action="store_false",
                    help="fp8: leave FALQON's A rows out of falqon_extras.safetensors "
-                   "(only needed to resume fine-tuning; the PEFT adapter written for a "
-                   "non-zero b holds them anyway)")
+                   "(only needed to rebuild the FALQON model exactly with load_fp8_export; "
+                   "the PEFT adapter written for a non-zero b holds them anyway)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0, or 2 for a mistake)."""
+    """Run the command line; returns the exit code (0, 2 for a mistake, 74 for a run's
+    checkpoint or ``OUT/frozen`` that cannot be read or differs from its fingerprint)."""
+    from falqon_jax.train.checkpoints import CheckpointError
+    from falqon_jax.train.run import EXIT_CHECKPOINT
+
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except (ExportError, LoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT
 
 
 _KIND_NAMES = {"run": "training run", "checkpoint": "run checkpoint",

@@ -134,9 +134,9 @@ def load_fp8_export(
     ``weight_scale`` and checked to be exact) -- come back as FALQON melded layers (method
     ``falqon``, ``b_in_forward=True``): ``w8 = [weight; A rows]`` and ``scale =
     weight_scale`` bit for bit, ``b`` = the adapter's float32 ``lora_B`` bit for bit, or
-    zero without an adapter; ready to resume fine-tuning. FP8 layers without ``A`` rows
-    become ``fp8_lora`` layers (the stored FP8 weight plus a fresh adapter with ``b = 0``,
-    so their output is the plain FP8 GEMM) of rank ``rank`` (default 16, at most the
+    zero without an adapter (for generation, or a trainer of one's own). FP8 layers without
+    ``A`` rows become ``fp8_lora`` layers (the stored FP8 weight plus a fresh adapter with
+    ``b = 0``, so their output is the plain FP8 GEMM) of rank ``rank`` (default 16, at most the
     smallest layer dimension). Other tensors are read in ``dtype``. Raises
     :class:`~falqon_jax.train.runs.LoadError` for anything else, including an adapter that
     was not written by :func:`export_model` (``lora_alpha != r``, DoRA, rsLoRA, per-module

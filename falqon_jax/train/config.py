@@ -1,9 +1,12 @@
 """Training configuration: defaults (the paper's, or the built-in demo's), recipes and flags.
 
-Precedence, lowest first: defaults < ``--recipe FILE.toml`` < command-line flags. With no
-``--model``, ``--data`` or ``--recipe`` the defaults are the demo's (the ``tiny`` card on the
-built-in data set), so ``python -m falqon_jax.train --steps 30`` runs 30 steps of the demo.
-Otherwise they follow the FALQON paper's LLaMA-7B setup.
+Precedence, lowest first: defaults < ``--recipe FILE.toml`` (or a shipped recipe by name)
+< command-line flags. With no ``--model``, ``--data`` or ``--recipe`` the defaults are the
+demo's (the ``tiny`` card on the built-in data set), so ``python -m falqon_jax.train --steps
+30`` runs 30 steps of the demo. Otherwise they follow the FALQON paper's LLaMA-7B setup, and
+the model must be named: ``--data`` alone is refused rather than fine-tuning (and
+downloading) a model the user did not ask for. A recipe's values are checked like the same
+flags on the command line (a string is parsed as the flag would parse it).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from falqon_jax import packaged
 from falqon_jax.cli import OneLineParser
 from falqon_jax.train.stopping import parse_duration
 
@@ -57,6 +61,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     steps: int = 1875
+    schedule_steps: int | None = None  # the learning-rate schedule's horizon; None: steps
     source_len: int = 16
     target_len: int = 512
     eval_size: int = 100
@@ -79,6 +84,13 @@ class TrainConfig:
     @property
     def is_demo(self) -> bool:
         return self.data == DEMO_DATA
+
+    @property
+    def planned_steps(self) -> int:
+        """The steps the learning-rate schedule is planned over: warm-up is
+        ``round(warmup_ratio * planned_steps)`` steps and the decay ends at
+        ``planned_steps`` (``--schedule-steps``, else ``--steps``)."""
+        return self.schedule_steps or self.steps
 
     @property
     def tokenizer_source(self) -> str:
@@ -133,29 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m falqon_jax.train",
         description="Fine-tune a LLaMA with FALQON (or a baseline). With no arguments: the "
-        "built-in CPU demo. Flags override the defaults (the demo's, or the paper's once "
-        "--model, --data or --recipe is given) one by one.",
+        "built-in CPU demo. Flags override the defaults one by one: the demo's, or the "
+        "paper's (LLaMA-7B on Alpaca) once --model or --recipe is given; where the two "
+        "differ, each flag's help shows both ('demo X, paper Y').",
         argument_default=argparse.SUPPRESS,
     )
     add = p.add_argument
-    add("--recipe", help="TOML file of settings (keys are flag names with underscores)")
+    add("--recipe", help="TOML file of settings (keys are flag names with underscores), or "
+        "the name of a recipe shipped with the package, e.g. llama-7b-alpaca-falqon (the "
+        "paper's runs and a small SmolLM2 run; a wrong name lists them all)")
     add("--model", help="Hugging Face checkpoint: a local directory, a Hub name (org/name or "
-        "org/name@revision, downloaded into the Hugging Face cache) or a model card (models/"
-        "NAME.toml: its Hub source's weights, or with --init random its architecture)")
+        "org/name@revision, downloaded into the Hugging Face cache) or a model card ("
+        f"{', '.join(packaged.names(packaged.cards_dir()))}: its Hub source's weights, or "
+        "with --init random its architecture)")
     add("--data", help="data set: a Hub name (org/name[@revision]), a local JSON / JSONL / "
         f"Parquet / Arrow file or data set directory, or '{DEMO_DATA}'; records in Alpaca, "
         "Guanaco text, chat messages or prompt/completion format")
-    add("--data-split", help="split of a data set (default: train)")
+    add("--data-split", help="split of a data set")
     add("--data-config", help="configuration (subset) of a data set that has several")
     add("--tokenizer", help="tokenizer: a directory or Hub name (default: the model's)")
-    add("--method", choices=METHODS)
-    add("--rank", type=int, help="adapter rank (paper: 64)")
-    add("--alpha", type=float, help="LoRA alpha for the LoRA baselines (paper: 16)")
-    add("--rule", choices=RULES, help="FALQON update rule: visible (default: b is a live "
+    add("--method", choices=METHODS, help="falqon (LoRA melded into an FP8 backbone), lora "
+        "(bf16 LoRA), fp8_lora (FP8 backbone, GEMMs quantized on the fly), qlora (NF4 "
+        "backbone), full (full fine-tuning)")
+    add("--rank", type=int, help="adapter rank")
+    add("--alpha", type=float, help="LoRA alpha (the adapter's scale is alpha / rank)")
+    add("--rule", choices=RULES, help="FALQON update rule: visible (b is a live "
         "adapter, nothing rounds away), visible_merge, paper (proxy buffer, top-k merges), "
         "reference (the authors' code: k = rank, whole buffer cleared)")
-    add("--top-k", type=int, help="FALQON rows merged per matrix per step (paper, "
-        "visible_merge; paper: 10)")
+    add("--top-k", type=int, help="FALQON rows merged per matrix per step (rules paper, "
+        "visible_merge)")
     add("--reset", choices=("merged", "all"), help="FALQON paper rule: buffer reset after a merge")
     add("--rounding", choices=ROUNDINGS, help="FALQON merges: nearest, stochastic, or "
         "feedback (the rounding residual goes back into the proxy buffer)")
@@ -163,26 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization error, the paper), random, or grad (top singular vectors of each "
         "weight's loss gradient on the first training batches)")
     add("--a-scale", choices=("lora", "natural"), help="FALQON's A row norm: lora (PEFT "
-        "LoRA's, times alpha/rank; default) or natural (the paper's sqrt(S) V^T)")
-    add("--a-gain", type=float, help="FALQON: multiply the lora row norm of A (default 3; with "
-        "a live b and Adam, the same as multiplying b's learning rate)")
+        "LoRA's, times alpha/rank) or natural (the paper's sqrt(S) V^T)")
+    add("--a-gain", type=float, help="FALQON: multiply the lora row norm of A (with a live b "
+        "and Adam, the same as multiplying b's learning rate)")
     add("--targets", help="comma-separated layers to adapt: q,k,v,o,gate,up,down[,lm_head]")
-    add("--lr", type=float, help="peak learning rate (paper: 2e-3)")
-    add("--schedule", choices=("constant", "cosine", "linear"), help="after warm-up")
-    add("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (paper: 0.03)")
-    add("--weight-decay", type=float, help="AdamW weight decay (paper: 0)")
-    add("--beta2", type=float, help="AdamW beta2 (paper: 0.999)")
-    add("--max-grad-norm", type=float, help="global-norm gradient clipping (paper: 3.0)")
-    add("--batch-size", type=int, help="examples per optimizer step (paper: 16)")
+    add("--lr", type=float, help="peak learning rate")
+    add("--schedule", choices=("constant", "cosine", "linear"), help="learning rate after "
+        "warm-up: constant, or decaying to 0 at the schedule's last step")
+    add("--warmup-ratio", type=float, help="fraction of the schedule's steps of linear "
+        "warm-up from 0")
+    add("--weight-decay", type=float, help="AdamW weight decay")
+    add("--beta2", type=float, help="AdamW beta2")
+    add("--max-grad-norm", type=float, help="global-norm gradient clipping (0: none)")
+    add("--batch-size", type=int, help="examples per optimizer step")
     add("--grad-accum", type=int, help="micro-batches per step; batch-size must divide by it")
-    add("--steps", type=int, help="optimizer steps (paper: 1875)")
-    add("--source-len", type=int, help="max prompt tokens (paper: 16)")
-    add("--target-len", type=int, help="max response tokens (paper: 512)")
+    add("--steps", type=int, help="optimizer steps to train to")
+    add("--schedule-steps", type=int, help="steps the warm-up and decay are planned over "
+        "(default: --steps; a resumed run keeps the one it started with)")
+    add("--source-len", type=int, help="max prompt tokens")
+    add("--target-len", type=int, help="max response tokens")
     add("--eval-size", type=int, help="held-out examples for eval loss")
-    add("--seed", type=int)
+    add("--seed", type=int, help="seed of the data order, the held-out split, random "
+        "weights and adapter initialisation")
     add("--dtype", choices=("bfloat16", "float32"), help="compute dtype")
     add("--remat", action=argparse.BooleanOptionalAction, help="gradient checkpointing")
-    add("--init", choices=("random",), help="random weights (for a card without a checkpoint)")
+    add("--init", choices=("random",), help="random weights (for a card without a "
+        "checkpoint; without it, the model's own)")
     add("--out", help="output directory: metrics.jsonl, config.json, checkpoints/")
     add("--save-every", type=int, help="checkpoint every N steps (and at the end)")
     add("--eval-every", type=int, help="eval loss every N steps (and at the end)")
@@ -200,9 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     add("--plan", metavar="GPU[:N]", help="do not train: compile this command's train step for "
         "N GPUs (default 1) of a kind -- h100, h200, a100, l4 -- without one, and print the "
-        "peak memory per device, whether it fits and the largest batch that does (needs pip "
-        "install -e '.[h100]'; no weights are loaded, --data may be left out)")
+        "peak memory per device, whether it fits and the largest batch that does (needs the "
+        f"h100 extra: {packaged.install_command('h100')}; no weights are loaded, --data may "
+        "be left out)")
+    _show_defaults(p)
     return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each setting's default to its help: ``(default: X)``, or ``(default: demo X,
+    paper Y)`` where the demo's and the paper's differ."""
+    def shown(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(value)
+        return "none" if value is None or value == "" else str(value)
+
+    for action in parser._actions:
+        if action.dest not in _FIELDS or action.help is None:
+            continue
+        demo, paper = getattr(DEMO, action.dest), getattr(PAPER, action.dest)
+        if action.dest in ("model", "data") or demo == paper is None or demo == paper == "":
+            continue
+        text = shown(paper) if demo == paper else f"demo {shown(demo)}, paper {shown(paper)}"
+        action.help = f"{action.help} (default: {text})".replace("%", "%%")
 
 
 def _duration(text: str) -> float:
@@ -223,7 +269,14 @@ def resolve(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     if recipe is not None:
         values.update(_read_recipe(recipe))
     values.update(args)
-    base = PAPER if ({"model", "data"} & values.keys() or recipe) else DEMO
+    demo_data = values.get("data", DEMO_DATA) == DEMO_DATA
+    base = DEMO if "model" not in values and demo_data and recipe is None else PAPER
+    if base is PAPER and "model" not in values:
+        where = f"recipe {recipe} names no model: add model = ..." if recipe else \
+            f"--data {values['data']} needs --model"
+        raise ConfigError(f"{where} (a card such as llama-7b, a local checkpoint directory "
+                          "or a Hub name org/name); with neither --model nor --data the "
+                          "command runs the built-in demo")
     if "targets" in values and isinstance(values["targets"], str):
         values["targets"] = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
     elif "targets" in values:
@@ -244,21 +297,75 @@ def plan_request(argv: list[str] | None) -> str | None:
     return vars(build_parser().parse_args(argv)).get("plan")
 
 
-def _read_recipe(path: str) -> dict[str, Any]:
+def recipe_file(path: str) -> Path:
+    """The recipe ``--recipe path`` names: a TOML file, else a recipe shipped with the
+    package by its name (``llama-7b-alpaca-falqon``, ``train/llama-7b-alpaca-falqon.toml``
+    from any directory). Raises :class:`ConfigError` listing the shipped recipes."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"recipe {path} does not exist; see train/ for examples")
+    if file.is_file():
+        return file
+    shipped = packaged.recipes_dir() / f"{file.name.removesuffix('.toml')}.toml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe {path} does not exist; pass a TOML file or a shipped recipe: "
+                      f"{', '.join(packaged.names(packaged.recipes_dir())) or 'none'}")
+
+
+def _read_recipe(path: str) -> dict[str, Any]:
+    file = recipe_file(path)
     try:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"recipe {path} is not valid TOML: {err}") from None
+    actions = {a.dest: a for a in build_parser()._actions}
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in _FIELDS or name == "resume":
+        if name not in _FIELDS or name == "resume" or name not in actions:
             raise ConfigError(f"recipe {path}: unknown setting '{key}'")
-        values[name] = value
+        values[name] = _recipe_value(path, key, value, actions[name])
     return values
+
+
+_KINDS = {int: "an integer", float: "a number", _duration: "a duration (seconds, 45m, 3.5h)"}
+
+
+def _recipe_value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
+    """``value`` of recipe setting ``key`` checked like its flag: a string goes through the
+    flag's own parsing (``rank = "64"`` is ``--rank 64``), other values must have the flag's
+    type, and choices are the flag's."""
+    flag = action.option_strings[0]
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"recipe {path}: {key} = {value!r} is not valid for {flag}; "
+                           f"expected {expected}")
+
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if action.dest == "targets":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if not isinstance(value, str):
+            raise wrong("a list of layer names or a comma-separated string")
+        return value
+    convert = action.type
+    if isinstance(value, str):
+        if convert is not None:
+            try:
+                value = convert(value)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise wrong(_KINDS.get(convert, "a valid value")) from None
+    elif convert is None or isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong(_KINDS.get(convert, "a string"))
+    elif convert is int and not isinstance(value, int):
+        raise wrong("an integer")
+    else:
+        value = convert(value) if convert in (int, float) else float(value)
+    if action.choices is not None and value not in action.choices:
+        raise wrong(f"one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def validate(c: TrainConfig, *, need_data: bool = True) -> None:
@@ -270,6 +377,8 @@ def validate(c: TrainConfig, *, need_data: bool = True) -> None:
         value = getattr(c, name)
         if value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if c.schedule_steps is not None and c.schedule_steps <= 0:
+        raise ConfigError(f"--schedule-steps must be positive, got {c.schedule_steps}")
     if c.a_gain <= 0:
         raise ConfigError(f"--a-gain must be positive, got {c.a_gain}")
     if c.lr <= 0:

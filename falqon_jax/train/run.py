@@ -6,7 +6,8 @@ With no arguments the command runs the built-in demo on the CPU. ``--help`` list
 demo's character tokenizer (:class:`falqon_jax.train.demo_data.CharTokenizer`) for any data.
 Mistakes in the input (flags, data, checkpoints, output directory) end with one line on
 stderr and exit code 2; a non-finite loss stops the run with exit code 3, keeping the last
-good checkpoint; a checkpoint that cannot be written (e.g. a full disk) stops it with 74.
+good checkpoint; a file of the run that cannot be written (a checkpoint, ``OUT/frozen``,
+``config.json`` or ``metrics.jsonl``; e.g. a full disk) stops it with one line and 74.
 Ctrl-C (130), SIGTERM (143) and ``--max-time`` (75) finish the current step, save a
 checkpoint and exit (:mod:`falqon_jax.train.stopping`); ``--resume`` continues from it.
 """
@@ -79,6 +80,8 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> RunResult:
     """
     started = time.monotonic()
     validate(config)
+    if resume:
+        config = kept_schedule(config)
     # Every process checks --out before joining: nothing is written before all have joined.
     check_out_dir(config, resume)
     init_distributed(config)
@@ -139,6 +142,41 @@ def resumed_config(config: TrainConfig, argv: list[str]) -> TrainConfig:
     merged = dataclasses.replace(saved, **{k: getattr(config, k) for k in keys})
     validate(merged)
     return merged
+
+
+def kept_schedule(config: TrainConfig) -> TrainConfig:
+    """``config`` of a resumed run with the learning-rate schedule the run was planned with.
+
+    The warm-up length and the end of the decay follow ``--steps`` when a run starts; a
+    resume with another ``--steps`` keeps them (``schedule_steps`` is set to the planned
+    horizon and saved with the run), so the steps already planned keep their learning
+    rates: a shorter run stops early on the same schedule, and a constant schedule extends
+    at its peak. Going past the end of a decaying schedule is refused (its learning rate
+    would be 0) unless ``--schedule-steps`` plans it anew. Without a saved run, ``config``.
+    """
+    from falqon_jax.model.loading import LoadError
+    from falqon_jax.train.runs import read_run_config
+
+    try:
+        saved = read_run_config(Path(config.out))
+    except LoadError:
+        return config
+    if config.schedule_steps != saved.schedule_steps or config.steps == saved.steps:
+        return config  # the horizon was chosen with --schedule-steps, or nothing changed
+    planned = saved.planned_steps
+    kept = dataclasses.replace(config, schedule_steps=planned)
+    if config.steps > planned and config.schedule != "constant":
+        raise UserError(
+            f"--steps {config.steps} goes past step {planned}, where this run's "
+            f"{config.schedule} schedule brings the learning rate to 0; resume with --steps "
+            f"{planned} or less, or add --schedule-steps {config.steps} to plan the decay "
+            "anew (the steps still to come then get other learning rates)")
+    warmup = int(round(config.warmup_ratio * planned))
+    after = "at its peak" if config.schedule == "constant" else f"its {config.schedule} decay"
+    print(f"--steps {config.steps}: the learning rate keeps the schedule planned for {planned} "
+          f"steps ({warmup} warm-up step{'' if warmup == 1 else 's'}, then {after}); "
+          "--schedule-steps N plans it anew", file=sys.stderr)
+    return kept
 
 
 def run_plan(config: TrainConfig, spec: str) -> int:
@@ -247,8 +285,25 @@ def check_out_dir(config: TrainConfig, resume: bool) -> None:
 def _write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a crash leaves either the old or the new file."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An ``OSError`` inside (a full disk, a read-only file system) becomes a
+    :class:`~falqon_jax.train.checkpoints.CheckpointError` naming ``path``: the run stops
+    with one line and exit 74, as when a checkpoint cannot be written."""
+    from falqon_jax.train.checkpoints import CheckpointError
+
+    try:
+        yield
+    except OSError as err:
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 CHAR_TOKENIZER = "char"
@@ -267,17 +322,25 @@ def load_tokenizer(config: TrainConfig) -> Any:
         from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
-    from falqon_jax.model.resolve import tokenizer_directory
+    from falqon_jax.model.resolve import TOKENIZER_FILES, tokenizer_directory
 
+    fix = "pass --tokenizer DIR, a directory or Hugging Face Hub name with the model's tokenizer"
     try:
         source = tokenizer_directory(config.tokenizer_source)
     except ValueError as err:
-        raise UserError(str(err).splitlines()[0]) from None
+        first = str(err).splitlines()[0]
+        no_files = "has no tokenizer files" in first and not config.tokenizer
+        raise UserError(f"{first}; {fix}" if no_files else first) from None
     if source is None:
         raise UserError(
             f"--model {config.model} is a model card without a tokenizer (it names no Hub "
             "source): pass --tokenizer DIR"
         )
+    if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES[:3]):
+        files = "tokenizer.json, tokenizer.model or tokenizer_config.json"
+        if config.tokenizer:
+            raise UserError(f"--tokenizer {config.tokenizer} holds no tokenizer ({files})")
+        raise UserError(f"--model {config.model} holds no tokenizer ({files}); {fix}")
     from transformers import AutoTokenizer
 
     try:
@@ -364,12 +427,27 @@ def prepare(config: TrainConfig) -> Prepared:
     kept = [e for e in train_ex if has_response(e)]
     held_kept = [e for e in held_ex if has_response(e)]
     dropped = len(train_ex) - len(kept)
-    if not kept:
-        raise DataError(f"no training examples left in {config.data} after filtering out "
-                        f"{dropped} with empty responses and {len(held_ex)} held out")
     if len(kept) < config.batch_size:
-        raise DataError(f"only {len(kept)} training examples for --batch-size "
-                        f"{config.batch_size}; lower --batch-size or add data")
+        total, usable = len(train_ex) + len(held_ex), len(kept) + len(held_kept)
+        why = []
+        if held_ex:
+            share = f"all {total}" if not train_ex else f"{len(held_ex)} of its {total}"
+            why.append(f"{share} examples are held out for eval loss "
+                       f"(--eval-size {config.eval_size})")
+        if dropped:
+            why.append(f"{dropped} have empty responses")
+        because = f": {' and '.join(why)}" if why else ""
+        # --eval-size is honoured as given (it is part of a run's identity); name a value
+        # that holds out about a tenth and leaves at least one batch to train on.
+        if held_ex and usable > config.batch_size:
+            fix = (f"pass a smaller --eval-size, e.g. --eval-size "
+                   f"{min(max(1, total // 10), usable - config.batch_size)}, or add data")
+        else:
+            fix = f"lower --batch-size{' and --eval-size' if held_ex else ''} or add data"
+        if not kept:
+            raise DataError(f"no training examples left in {config.data}{because}; {fix}")
+        raise DataError(f"only {len(kept)} training examples in {config.data} for "
+                        f"--batch-size {config.batch_size}{because}; {fix}")
     tokenizer = load_tokenizer(config)
     if any(isinstance(e, data.Chat) for e in kept + held_kept) \
             and not data.has_chat_template(tokenizer):
@@ -474,7 +552,8 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     model, tok = prep.model, prep.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     say = tqdm.write
 
@@ -502,10 +581,6 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
             say(f"no checkpoint in {store.directory} yet: starting from step 0")
         else:
             start, state = found
-    if primary:
-        if resume:
-            _truncate_metrics(metrics_path, start)
-        _write_atomically(out / "config.json", config.to_json() + "\n")
     source = "built-in demo data" if config.is_demo else config.data
     say(f"falqon-jax: {config.method} on {config.model} ({source}), "
         f"{len(prep.train)} train / {len(prep.held_out)} held-out examples, "
@@ -519,7 +594,7 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     stream = batch_stream(prep.train, config.batch_size, config.seed, pad_id=pad_id,
                           buckets=length_buckets(config), start_step=start)
     # Every process trains and checkpoints (Orbax coordinates the hosts); one writes logs.
-    log = metrics_path.open("a") if primary else open(os.devnull, "w")
+    log = open(os.devnull, "w")
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                disable=not primary,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
@@ -529,6 +604,14 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     stop = StopRequests(config.max_time, started)
     quiet = QuietWrites()
     try:
+        if primary:
+            with _writing(metrics_path):
+                if resume:
+                    _truncate_metrics(metrics_path, start)
+                log.close()
+                log = metrics_path.open("a")
+            with _writing(out / "config.json"):
+                _write_atomically(out / "config.json", config.to_json() + "\n")
         store.write_frozen(state)  # once per run: nothing happens when OUT/frozen holds it
         while step < config.steps:
             began = time.perf_counter()
@@ -558,8 +641,9 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
                     record = (record or {"step": step}) | {"eval_loss": last_eval}
                     say(f"step {step}: train loss {loss:.4f}, eval loss {last_eval:.4f}")
             if record is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                with _writing(metrics_path):
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
             if step % config.save_every == 0 or step == config.steps:
                 store.save(step, state, meta(step))  # written while training goes on
                 saved = step
@@ -589,14 +673,18 @@ def _run(config: TrainConfig, resume: bool, started: float) -> RunResult:
     except CheckpointError as err:
         bar.close()
         steps = complete_steps(out)
-        kept = f"step {steps[-1]} is the last complete checkpoint" if steps else \
-            "no checkpoint is complete yet"
-        print(f"error: {err}; {kept}: fix that (e.g. free space) and continue with --resume",
-              file=sys.stderr)
+        if (out / "config.json").exists():
+            kept = f"step {steps[-1]} is the last complete checkpoint" if steps else \
+                "no checkpoint is complete yet"
+            then = "continue with --resume"
+        else:  # nothing of this run was saved: --resume would find no run
+            kept, then = "nothing of the run is saved yet", "run the same command again"
+        print(f"error: {err}; {kept}: fix that (e.g. free space) and {then}", file=sys.stderr)
         return RunResult(EXIT_CHECKPOINT, step, last_eval, out)
     finally:
         stop.restore()
-        log.close()
+        with contextlib.suppress(OSError):  # flushed after each line: nothing left to lose
+            log.close()
         store.close()
         quiet.restore()
     bar.close()
