@@ -109,7 +109,8 @@ def speed_row(
     Params, optimizer state and inputs are synthetic (:func:`synthetic`; token ids below
     256): the work of a step does not depend on the values, and nothing slow (FALQON's SVD
     init of every layer) runs before the timing. The first call includes compilation and
-    is reported as ``first_step_s``.
+    is reported as ``first_step_s``; ``compiles`` counts the programs compiled for the step
+    (1: the state a step returns is the state it took, so no timed step compiles).
     """
     key = jax.random.key(seed)
     state = synthetic(case.state, key)
@@ -133,6 +134,8 @@ def speed_row(
         run_once()
     times = [run_once() for _ in range(repeats)]
     del state
+    # programs compiled for the step: 1 when the state it returns matches the state it took
+    cache_size = getattr(step, "_cache_size", None)
     median = statistics.median(times)
     bf16_peak, fp8_peak = peak_flops(env["device"]) if env["backend"] == "gpu" else (None, None)
     achieved = case.model_flops / median
@@ -146,6 +149,7 @@ def speed_row(
             "mfu_bf16": None if bf16_peak is None else achieved / bf16_peak,
             "mfu_fp8": None if fp8_peak is None else achieved / fp8_peak,
             "first_step_s": round(compile_s, 3),
+            "compiles": None if cache_size is None else cache_size(),
             "repeats": repeats,
             "warmup": warmup,
         }

@@ -37,6 +37,22 @@ def combine(trainable: Any, frozen: Any) -> Any:
     )
 
 
+def cast_like(tree: Any, like: Any) -> Any:
+    """``tree`` with each array leaf cast to the dtype of the same leaf of ``like`` (the same
+    structure; traceable). The train step returns its state in exactly the dtypes it took, so
+    its second call reuses the first call's compilation."""
+    return jax.tree.map(lambda x, y: x if x.dtype == y.dtype else x.astype(y.dtype),
+                        tree, like)
+
+
+def strong_types(tree: Any) -> Any:
+    """``tree`` with every weakly typed array leaf (a Python scalar's type) made strongly
+    typed in its own dtype: a jitted step's outputs are never weakly typed, so a weakly
+    typed input would make its second call compile again."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x, tree)
+
+
 def apply_updates(params: Any, updates: Any) -> Any:
     """``optax.apply_updates`` that skips ``None`` updates (leaves left out of the gradient)."""
     return jax.tree.map(
@@ -46,9 +62,13 @@ def apply_updates(params: Any, updates: Any) -> Any:
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0 over ``warmup_ratio * steps``, then constant/cosine/linear."""
-    warmup = int(round(config.warmup_ratio * config.steps))
-    rest = max(config.steps - warmup, 1)
+    """Linear warm-up from 0 over ``warmup_ratio * planned_steps``, then constant, or a
+    cosine / linear decay to 0 at ``planned_steps`` (``--schedule-steps``, else ``--steps``;
+    :attr:`TrainConfig.planned_steps`), so a run resumed with another ``--steps`` keeps the
+    schedule it started with."""
+    horizon = config.planned_steps
+    warmup = int(round(config.warmup_ratio * horizon))
+    rest = max(horizon - warmup, 1)
     if config.schedule == "constant":
         after = optax.constant_schedule(config.lr)
     elif config.schedule == "cosine":
@@ -65,8 +85,11 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     parts = []
     if config.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    # The first moment in float32 whatever the params' dtype: the step's gradients are
+    # float32 (divided by the float32 token count), so it is what the step computes; the
+    # second moment keeps the params' dtype (optax casts it back).
     parts.append(optax.adamw(learning_rate(config), b1=0.9, b2=config.beta2,
-                             weight_decay=config.weight_decay))
+                             weight_decay=config.weight_decay, mu_dtype=jnp.float32))
     return optax.chain(*parts)
 
 
@@ -135,11 +158,13 @@ class Trainer:
         return traced
 
     def fresh_state(self, params: Any) -> TrainState:
-        """The initial state of ``params``, unplaced (traceable: works under ``eval_shape``)."""
+        """The initial state of ``params``, unplaced (traceable: works under ``eval_shape``):
+        in the dtypes, strongly typed, that the train step returns it in."""
         trainable, _ = partition(params, self.mask)
         opt_state = self.optimizer.init(trainable)
         falqon_state = self.merge.init(params) if self.merge is not None else ()
-        return TrainState(params, opt_state, falqon_state, jnp.zeros((), jnp.int32))
+        return strong_types(TrainState(params, opt_state, falqon_state,
+                                       jnp.zeros((), jnp.int32)))
 
     def sharded_train_step(self, shardings: Any) -> Callable[..., Any]:
         """The jitted train step that keeps the state in ``shardings`` (donating it)."""
@@ -207,7 +232,9 @@ class Trainer:
         if self.merge is not None:  # b's update -> top-k row merges into the FP8 weights
             updates, falqon_state = self.merge.update(updates, falqon_state, state.params)
         params = apply_updates(state.params, updates)
-        return TrainState(params, opt_state, falqon_state, state.step + 1)
+        # exactly the incoming state's dtypes: a state that changed dtype would make the
+        # step's next call compile again
+        return cast_like(TrainState(params, opt_state, falqon_state, state.step + 1), state)
 
     def _eval_sums(self, params, tokens, mask, attention):
         """``(loss_sum, token_count)`` on one batch."""
