@@ -2,6 +2,7 @@
 directory and from a wheel, no half-specified runs, recipe values checked like flags, a
 write failure anywhere the run writes, and a schedule that a resume keeps."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -252,7 +253,7 @@ WARM = ["--warmup-ratio", "0.5", "--log-every", "1", *QUICK]  # 4 warm-up steps 
 
 
 def test_a_stopped_run_resumed_equals_the_uninterrupted_one_during_warm_up(tmp_path, capsys):
-    whole, cut, planned = tmp_path / "whole", tmp_path / "cut", tmp_path / "planned"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _run(capsys, "--steps", 8, "--out", whole, *WARM)[0] == 0
     lrs = [r["lr"] for r in _metrics(whole)]
     assert lrs[:5] == pytest.approx([0.0, 0.005, 0.01, 0.015, 0.02])  # demo lr 2e-2
@@ -260,37 +261,55 @@ def test_a_stopped_run_resumed_equals_the_uninterrupted_one_during_warm_up(tmp_p
     code, _, err = _run(capsys, "--steps", 8, "--out", cut, "--max-time", "1s", *WARM)
     assert code == 75, err
     assert _run(capsys, "--out", cut, "--resume")[0] == 0
-    # planned for 8 steps, trained to 3 first, then resumed to 8
-    assert _run(capsys, "--steps", 3, "--schedule-steps", 8, "--out", planned, *WARM)[0] == 0
-    assert _run(capsys, "--steps", 8, "--out", planned, "--resume")[0] == 0
-    for other in (cut, planned):
-        assert [r["lr"] for r in _metrics(other)] == lrs
-        assert [r["loss"] for r in _metrics(other)] == [r["loss"] for r in _metrics(whole)]
-        assert_same_saved_state(whole, other, 8)
+    assert [r["lr"] for r in _metrics(cut)] == lrs
+    assert [r["loss"] for r in _metrics(cut)] == [r["loss"] for r in _metrics(whole)]
+    assert_same_saved_state(whole, cut, 8)
 
 
-def test_resuming_with_more_steps_keeps_the_planned_schedule(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _run(capsys, "--steps", 2, "--out", out, *WARM)[0] == 0  # 1 warm-up step
-    code, _, err = _run(capsys, "--steps", 5, "--out", out, "--resume")
-    assert code == 0, err
+def _schedule(config):
+    from falqon_jax.train.trainer import learning_rate
+
+    return [float(learning_rate(config)(step)) for step in range(config.steps)]
+
+
+def _saved_run(out, **settings):
+    """``out`` holding the ``config.json`` of a demo run with ``settings``."""
+    from falqon_jax.train.config import DEMO
+
+    out.mkdir()
+    saved = dataclasses.replace(DEMO, out=str(out), warmup_ratio=0.5, **settings)
+    (out / "config.json").write_text(saved.to_json())
+    return saved
+
+
+def test_resuming_with_other_steps_keeps_the_planned_schedule(tmp_path, capsys):
+    from falqon_jax.train.run import kept_schedule
+
+    saved = _saved_run(tmp_path / "run", steps=2)  # 1 warm-up step
+    longer = kept_schedule(dataclasses.replace(saved, steps=5))
     assert ("--steps 5: the learning rate keeps the schedule planned for 2 steps (1 warm-up "
-            "step, then at its peak)") in err
-    assert [r["lr"] for r in _metrics(out)] == pytest.approx([0.0, 0.02, 0.02, 0.02, 0.02])
-    assert json.loads((out / "config.json").read_text())["schedule_steps"] == 2
+            "step, then at its peak)") in capsys.readouterr().err
+    assert longer.schedule_steps == 2 and longer.steps == 5
+    assert _schedule(longer) == pytest.approx([0.0, 0.02, 0.02, 0.02, 0.02])
+    # planned for 8 steps, trained to 3: the same learning rates as one run of 8
+    planned = dataclasses.replace(saved, steps=3, schedule_steps=8)
+    whole = dataclasses.replace(saved, steps=8)
+    assert _schedule(kept_schedule(dataclasses.replace(planned, steps=8))) == \
+        _schedule(whole)[:8]
+    assert _schedule(planned) == _schedule(whole)[:3]
 
 
-def test_resuming_past_the_end_of_a_decay_is_refused_with_the_choice(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _run(capsys, "--steps", 2, "--schedule", "cosine", "--out", out, *QUICK)[0] == 0
-    before = (out / "metrics.jsonl").read_text()
-    code, _, err = _run(capsys, "--steps", 4, "--out", out, "--resume")
-    assert code == 2
-    assert _one_error_line(err) == (
-        "error: --steps 4 goes past step 2, where this run's cosine schedule brings the "
-        "learning rate to 0; resume with --steps 2 or less, or add --schedule-steps 4 to "
-        "plan the decay anew (the steps still to come then get other learning rates)")
-    assert (out / "metrics.jsonl").read_text() == before
-    code, _, err = _run(capsys, "--steps", 4, "--schedule-steps", 4, "--out", out, "--resume")
-    assert code == 0, err
+def test_resuming_past_the_end_of_a_decay_is_refused_with_the_choice(tmp_path):
+    from falqon_jax.train.run import UserError, kept_schedule
 
+    saved = _saved_run(tmp_path / "run", steps=2, schedule="cosine")
+    with pytest.raises(UserError) as info:
+        kept_schedule(dataclasses.replace(saved, steps=4))
+    assert str(info.value) == (
+        "--steps 4 goes past step 2, where this run's cosine schedule brings the learning "
+        "rate to 0; resume with --steps 2 or less, or add --schedule-steps 4 to plan the "
+        "decay anew (the steps still to come then get other learning rates)")
+    anew = kept_schedule(dataclasses.replace(saved, steps=4, schedule_steps=4))
+    assert anew.schedule_steps == 4 and _schedule(anew)[3] > 0
+    shorter = kept_schedule(dataclasses.replace(saved, steps=1))
+    assert _schedule(shorter) == _schedule(saved)[:1]
