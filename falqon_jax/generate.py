@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from falqon_jax.cli import OneLineParser
@@ -139,11 +138,11 @@ def load_tokenizer(loaded: Loaded, override: str | None) -> Any:
         raise UsageError(
             "this model has no known tokenizer: pass --tokenizer DIR, or --prompt-ids"
         )
-    from falqon_jax.model.resolve import TOKENIZER_FILES
+    from falqon_jax.model.resolve import tokenizer_missing
 
-    if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES[:3]):
-        raise UsageError(f"--tokenizer {override} holds no tokenizer (tokenizer.json, "
-                         "tokenizer.model or tokenizer_config.json)")
+    missing = tokenizer_missing(source)
+    if missing:
+        raise UsageError(f"--tokenizer {override} {missing}")
     from transformers import AutoTokenizer
 
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -105,23 +106,32 @@ def plan_linears(
         raise ValueError(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
     if method == "full":
         return LinearPlan(rank=rank, alpha=alpha, train_base=True)
-    names, skipped = {}, []
+    names, skipped, reasons = {}, [], []
     for target, (out, in_features) in linear_shapes(config).items():
         names[target] = "frozen"
         if target not in targets:
             continue
         problem = chosen.check(out, in_features, rank)
         if problem:
-            skipped.append(f"{target} ({out}x{in_features}): {problem}")
+            skipped.append(f"{target} ({out}x{in_features})")
+            # the shape is named beside the layer: the reason once where layers share it
+            reason = _SHAPE_PREFIX.sub("", problem).removesuffix(
+                "; leave this layer unconverted")
+            if reason and reason not in reasons:
+                reasons.append(reason)
             continue
         names[target] = method
     if skipped:
         warnings.warn(
             f"{method} leaves {len(skipped)} layer kind(s) unconverted (dense, frozen): "
-            + "; ".join(skipped),
+            f"{', '.join(skipped)}: {'; '.join(reasons)}",
+            UserWarning,
             stacklevel=2,
         )
     return LinearPlan(**names, rank=rank, alpha=alpha, train_base=False)
+
+
+_SHAPE_PREFIX = re.compile(r"^layer shape \(out=\d+, in=\d+\) (is )?")
 
 
 # --------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,13 +23,10 @@ import numpy as np
 from jax import lax
 from safetensors import safe_open
 
-from falqon_jax.model import methods
 from falqon_jax.model.config import LlamaConfig, load_card
 from falqon_jax.model.llama import (
     ALL_TARGETS,
     INIT_STD,
-    TARGETS,
-    LinearPlan,
     Llama,
     LlamaModel,
     abstract_params,
@@ -114,43 +109,13 @@ def load_model(
         source = model_directory(path_or_card, weights=init != "random")
         _refuse_quantized(source)
         config = LlamaConfig.from_hf(source)
-    plan = _plan(config, method, targets, rank, alpha)
+    plan = plan_linears(config, method, targets=targets, rank=rank, alpha=alpha)
     module = Llama(config, plan, jnp.dtype(dtype), remat=remat)
     if source is None or init == "random":
         params = random_params(module, seed)
     else:
         params = load_params(source, module, jax.random.key(seed))
     return LlamaModel(module, params)
-
-
-def _plan(config: LlamaConfig, method: str, targets: Iterable[str] | None, rank: int,
-          alpha: float) -> LinearPlan:
-    """:func:`~falqon_jax.model.llama.plan_linears`, its warning about targeted layers the
-    method cannot convert made one short line for :func:`load_model`'s caller: which layers
-    stay dense and frozen, and why (once where they share the reason)."""
-    targets = None if targets is None else tuple(targets)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        plan = plan_linears(config, method, targets=targets, rank=rank, alpha=alpha)
-    if method == "full":
-        return plan
-    layers, reasons = [], []
-    for target, (out, in_features) in linear_shapes(config).items():
-        if target in (TARGETS if targets is None else targets) \
-                and getattr(plan, target) == "frozen":
-            layers.append(f"{target} ({out}x{in_features})")
-            reason = methods.get(method).check(out, in_features, rank) or ""
-            reason = _SHAPE_PREFIX.sub("", reason).removesuffix("; leave this layer unconverted")
-            if reason not in reasons:
-                reasons.append(reason)
-    if layers:
-        warnings.warn(f"{method} leaves {len(layers)} layer kind(s) unconverted (dense, "
-                      f"frozen): {', '.join(layers)}: {'; '.join(r for r in reasons if r)}",
-                      UserWarning, stacklevel=3)
-    return plan
-
-
-_SHAPE_PREFIX = re.compile(r"^layer shape \(out=\d+, in=\d+\) (is )?")
 
 
 def _refuse_quantized(directory: Path) -> None:

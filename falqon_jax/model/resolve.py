@@ -33,6 +33,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 INDEX = "model.safetensors.index.json"
 
 
+def tokenizer_missing(directory: str | Path) -> str | None:
+    """Why ``directory`` holds no tokenizer a user meant to give (the words after the
+    name in a one-line error), or ``None`` when it has one of the files that make one."""
+    if any((Path(directory) / name).is_file() for name in TOKENIZER_FILES[:3]):
+        return None
+    return "holds no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)"
+
+
 def classify(name: str | os.PathLike[str]) -> str:
     """What ``name`` names: ``"dir"`` or ``"file"`` (an existing local path), ``"hub"``
     (``org/name[@revision]``, not a local path), ``"card"`` (no slash: a model-card name)

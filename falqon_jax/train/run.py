@@ -322,7 +322,7 @@ def load_tokenizer(config: TrainConfig) -> Any:
         from falqon_jax.train.demo_data import CharTokenizer
 
         return CharTokenizer()
-    from falqon_jax.model.resolve import TOKENIZER_FILES, tokenizer_directory
+    from falqon_jax.model.resolve import tokenizer_directory, tokenizer_missing
 
     fix = "pass --tokenizer DIR, a directory or Hugging Face Hub name with the model's tokenizer"
     try:
@@ -336,11 +336,11 @@ def load_tokenizer(config: TrainConfig) -> Any:
             f"--model {config.model} is a model card without a tokenizer (it names no Hub "
             "source): pass --tokenizer DIR"
         )
-    if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES[:3]):
-        files = "tokenizer.json, tokenizer.model or tokenizer_config.json"
-        if config.tokenizer:
-            raise UserError(f"--tokenizer {config.tokenizer} holds no tokenizer ({files})")
-        raise UserError(f"--model {config.model} holds no tokenizer ({files}); {fix}")
+    missing = tokenizer_missing(source)
+    if missing and config.tokenizer:
+        raise UserError(f"--tokenizer {config.tokenizer} {missing}")
+    if missing:
+        raise UserError(f"--model {config.model} {missing}; {fix}")
     from transformers import AutoTokenizer
 
     try:
