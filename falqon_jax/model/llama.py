@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from falqon_jax import melded, sharding
-from falqon_jax.model import methods
+from falqon_jax.model import attention, methods
 from falqon_jax.model.config import LlamaConfig
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # default linear targets
@@ -219,11 +219,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE, an additive mask and an optional KV cache."""
+    """Grouped-query self-attention with RoPE and an optional KV cache.
+
+    ``attention`` ``"xla"``: :func:`~falqon_jax.model.attention.masked` with an additive
+    mask (any padding; always used with a cache). ``"cudnn"``:
+    :func:`~falqon_jax.model.attention.fused`, causal with right padding given as lengths.
+    """
 
     config: LlamaConfig
     plan: LinearPlan
     dtype: Any
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -231,18 +237,19 @@ class Attention(nn.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        bias: jax.Array,
+        keys: jax.Array,
         index: jax.Array | None,
         kv: tuple[jax.Array, jax.Array] | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """``x`` ``(b, s, hidden)``; ``bias`` float32 ``(b, s, keys)`` (0 or very negative).
+        """``x`` ``(b, s, hidden)``; ``keys`` what each query may attend to: for ``"xla"``
+        a float32 bias ``(b, s, keys)`` (0 or very negative), for ``"cudnn"`` int32 row
+        lengths ``(b,)`` (causal, right padding).
 
         With a cache, ``kv`` is this layer's ``(k, v)`` ``(b, max_len, kv_heads, head_dim)``;
         the new keys/values are written at slot ``index`` and the updated pair is returned.
         """
         c, p, dt = self.config, self.plan, self.dtype
         b, s, _ = x.shape
-        groups = c.num_heads // c.num_kv_heads
         q = _linear(self, "q_proj", p, "q", x, c.num_heads * c.head_dim, dt)
         k = _linear(self, "k_proj", p, "k", x, c.num_kv_heads * c.head_dim, dt)
         v = _linear(self, "v_proj", p, "v", x, c.num_kv_heads * c.head_dim, dt)
@@ -253,12 +260,11 @@ class Attention(nn.Module):
             k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
             v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (k, v)
-        q = q.reshape(b, s, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("bsngd,btnd->bngst", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (c.head_dim**-0.5) + bias[:, None, None]
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        attn = jnp.einsum("bngst,btnd->bsngd", probs, v).astype(dt)
-        attn = attn.reshape(b, s, c.num_heads * c.head_dim)
+        if self.attention == "cudnn" and kv is None:
+            attn = attention.fused(q, k, v, keys)
+        else:
+            attn = attention.masked(q, k, v, keys)
+        attn = attn.astype(dt).reshape(b, s, c.num_heads * c.head_dim)
         return _linear(self, "o_proj", p, "o", attn, c.hidden_size, dt), kv
 
 
@@ -283,6 +289,7 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     plan: LinearPlan
     dtype: Any
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -290,14 +297,15 @@ class DecoderLayer(nn.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        bias: jax.Array,
+        keys: jax.Array,
         index: jax.Array | None,
         kv: tuple[jax.Array, jax.Array] | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """``x`` ``(b, s, hidden)`` in ``dtype`` -> same; arguments as for :class:`Attention`."""
         c, dt = self.config, self.dtype
         h = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(x)
-        h, kv = Attention(c, self.plan, dt, name="self_attn")(h, cos, sin, bias, index, kv)
+        h, kv = Attention(c, self.plan, dt, self.attention, name="self_attn")(
+            h, cos, sin, keys, index, kv)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(x)
         return x + MLP(c, self.plan, dt, name="mlp")(h), kv
@@ -344,12 +352,18 @@ class Llama(nn.Module):
     side. RoPE positions count real tokens only (``cumsum(mask) - 1``), so a left-padded row
     gives the same logits as the unpadded one. With ``cache`` (a :class:`KVCache`) the call
     appends ``tokens`` to it and returns ``(logits, new_cache)``.
+
+    ``attention``: ``"xla"`` (any padding) or ``"cudnn"`` (fused flash attention on an
+    NVIDIA GPU, bfloat16/float16; without a cache the padding must be on the right, as in
+    training batches; calls with a cache use ``"xla"``). See
+    :func:`falqon_jax.model.attention.choose`.
     """
 
     config: LlamaConfig
     plan: LinearPlan = LinearPlan()
     dtype: Any = jnp.bfloat16
     remat: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -372,9 +386,15 @@ class Llama(nn.Module):
             key_mask = lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
             index, kv = cache.index, (cache.k, cache.v)
             query_slots = cache.index + jnp.arange(seq)
-        key_slots = jnp.arange(key_mask.shape[1])
-        allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
-        bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f'attention must be "xla" or "cudnn", got {self.attention!r}')
+        if self.attention == "cudnn" and cache is None:
+            keys = mask.sum(axis=-1, dtype=jnp.int32)  # right padding: each row's length
+        else:
+            key_slots = jnp.arange(key_mask.shape[1])
+            allowed = key_mask[:, None, :] & (key_slots[None, None, :]
+                                              <= query_slots[None, :, None])
+            keys = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
         cos, sin = rope_cos_sin(positions, c)
 
         embed = self.param(
@@ -392,7 +412,8 @@ class Llama(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
         )
-        x, kv = stack(c, self.plan, dt, name="layers")(x, cos, sin, bias, index, kv)
+        x, kv = stack(c, self.plan, dt, self.attention, name="layers")(
+            x, cos, sin, keys, index, kv)
         x = RMSNorm(c.rms_norm_eps, dt, name="norm")(x)
         logits = self._lm_head(x, embed).astype(jnp.float32)
         if cache is None:

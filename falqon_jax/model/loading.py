@@ -65,6 +65,7 @@ def load_model(
     init: str | None = None,
     seed: int = 0,
     remat: bool = False,
+    attention: str = "xla",
 ) -> LlamaModel:
     """Load a LLaMA with its linear layers converted to ``method``.
 
@@ -85,6 +86,8 @@ def load_model(
         directory's or Hub model's config; no weights are read or downloaded).
       seed: PRNG seed for random init and for methods that draw random factors.
       remat: recompute each decoder layer in the backward pass (gradient checkpointing).
+      attention: ``"xla"`` or ``"cudnn"`` (see :class:`~falqon_jax.model.llama.Llama`;
+        :func:`falqon_jax.model.attention.choose` picks one for a platform).
 
     Returns:
       A :class:`LlamaModel`; ``model.logits(tokens, attention_mask)`` maps int
@@ -110,7 +113,7 @@ def load_model(
         _refuse_quantized(source)
         config = LlamaConfig.from_hf(source)
     plan = plan_linears(config, method, targets=targets, rank=rank, alpha=alpha)
-    module = Llama(config, plan, jnp.dtype(dtype), remat=remat)
+    module = Llama(config, plan, jnp.dtype(dtype), remat=remat, attention=attention)
     if source is None or init == "random":
         params = random_params(module, seed)
     else:

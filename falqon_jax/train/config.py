@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "bfloat16"
     remat: bool = True
+    attention: str = "auto"  # see falqon_jax.model.attention.choose
     init: str | None = None
     out: str = "runs/falqon"
     save_every: int = 500
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         "weights and adapter initialisation")
     add("--dtype", choices=("bfloat16", "float32"), help="compute dtype")
     add("--remat", action=argparse.BooleanOptionalAction, help="gradient checkpointing")
+    add("--attention", choices=("auto", "cudnn", "xla"), help="attention kernel: cudnn "
+        "(fused flash attention, NVIDIA GPUs, bfloat16), xla (any device), or auto (cudnn "
+        "where it runs)")
     add("--init", choices=("random",), help="random weights (for a card without a "
         "checkpoint; without it, the model's own)")
     add("--out", help="output directory: metrics.jsonl, config.json, checkpoints/")

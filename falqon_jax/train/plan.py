@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from falqon_jax import sharding, targets
+from falqon_jax.model.attention import choose as choose_attention
 from falqon_jax.model.config import LlamaConfig, load_card
 from falqon_jax.model.llama import Llama, abstract_params, plan_linears, trainable_mask
 from falqon_jax.model.methods import linear_method
@@ -60,7 +61,9 @@ def abstract_step(config: TrainConfig, llama_config: LlamaConfig, mesh: jax.shar
     batch = config.batch_size if batch is None else batch
     plan = plan_linears(llama_config, linear_method(config), targets=config.targets,
                         rank=config.rank, alpha=config.alpha)
-    module = Llama(llama_config, plan, jnp.dtype(config.dtype), remat=config.remat)
+    platform = mesh.devices.flat[0].platform
+    module = Llama(llama_config, plan, jnp.dtype(config.dtype), remat=config.remat,
+                   attention=choose_attention(config.attention, platform, config.dtype))
     params = abstract_params(module)
 
     def forward(p, tokens, attention):

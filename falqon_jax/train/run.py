@@ -351,16 +351,30 @@ def load_tokenizer(config: TrainConfig) -> Any:
                         ) from None
 
 
+def attention_kernel(config: TrainConfig) -> str:
+    """``--attention`` resolved for this process's devices (``UserError`` where the one
+    asked for cannot run)."""
+    import jax
+
+    from falqon_jax.model.attention import choose
+
+    try:
+        return choose(config.attention, jax.devices()[0].platform, config.dtype)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def load(config: TrainConfig) -> Any:
     from falqon_jax.model.loading import load_model
     from falqon_jax.model.methods import linear_method
 
     method = linear_method(config)
+    attention = attention_kernel(config)
     try:
         return load_model(
             config.model, method=method, rank=config.rank, alpha=config.alpha,
             dtype=config.dtype, targets=config.targets, init=config.init, seed=config.seed,
-            remat=config.remat,
+            remat=config.remat, attention=attention,
         )
     except (ValueError, OSError) as err:
         raise UserError(str(err).splitlines()[0]) from None
@@ -710,7 +724,8 @@ def gradient_aligned_params(config: TrainConfig, prep: Prepared, pad_id: int) ->
 
     try:
         dense = load_model(config.model, method="full", dtype=config.dtype,
-                           targets=config.targets, init=config.init, seed=config.seed)
+                           targets=config.targets, init=config.init, seed=config.seed,
+                           attention=attention_kernel(config))
     except (ValueError, OSError) as err:
         raise UserError(str(err).splitlines()[0]) from None
     stream = batch_stream(prep.train, config.batch_size, config.seed, pad_id=pad_id,
