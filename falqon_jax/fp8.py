@@ -45,8 +45,11 @@ def scale_from_amax(amax: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 def compute_scale(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Per-tensor dynamic dequantization scale of ``x`` for ``dtype`` (float32 scalar)."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    """Per-tensor dynamic dequantization scale of ``x`` for ``dtype`` (float32 scalar).
+
+    The largest magnitude is taken in ``x``'s own dtype (exact in any float format), so no
+    float32 copy of ``x`` is made for it."""
+    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
     return scale_from_amax(amax, dtype)
 
 
@@ -98,18 +101,24 @@ def fp8_dot(
     b8: jax.Array,
     b_scale: jax.Array,
     dimension_numbers: lax.DotDimensionNumbers,
+    out_dtype: jnp.dtype = jnp.float32,
 ) -> jax.Array:
-    """Scaled FP8 GEMM: ``dot_general(a8, b8) * a_scale * b_scale`` accumulated in float32.
+    """Scaled FP8 GEMM: ``dot_general(a8, b8) * a_scale * b_scale`` in ``out_dtype``.
 
     ``a8`` and ``b8`` are float8 arrays (either format); XLA lowers the ``dot_general`` with
-    float8 operands and ``preferred_element_type=float32`` to an FP8 tensor-core GEMM on
-    Hopper/Ada GPUs (cuBLASLt). On CPU the same program runs with upcast values, so results
-    are numerically identical, just not fast. Returns float32.
+    float8 operands to an FP8 tensor-core GEMM on Hopper/Ada GPUs (cuBLASLt or Triton),
+    which accumulates in float32 and writes its result in ``out_dtype``; the product of the
+    per-tensor scales multiplies it in ``out_dtype``. For float32 that is one rounding of
+    the exact sum. For bfloat16 the GEMM's sum, the scale and their product are each
+    rounded to bfloat16 (relative error at most about ``3 * 2**-8``, against ``2**-4`` for
+    an E4M3 value), and in exchange no float32 ``(rows, cols)`` tensor is written and read
+    back: both GEMM back ends then write the scaled bfloat16 result in one pass. On CPU the
+    same program runs with upcast values, just not fast.
     """
     if a8.dtype not in FP8_DTYPES or b8.dtype not in FP8_DTYPES:
         raise TypeError(f"fp8_dot needs float8 operands, got {a8.dtype} and {b8.dtype}")
-    acc = lax.dot_general(a8, b8, dimension_numbers, preferred_element_type=jnp.float32)
-    return acc * (a_scale * b_scale)
+    acc = lax.dot_general(a8, b8, dimension_numbers, preferred_element_type=out_dtype)
+    return acc * jnp.asarray(a_scale * b_scale, jnp.float32).astype(out_dtype)
 
 
 def _finite_max_bits(dtype: jnp.dtype) -> int:

@@ -233,7 +233,7 @@ def _forward(p: MeldedLinear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     tokens = x.reshape(-1, x.shape[-1])
     x8, x_scale = fp8.quantize(tokens, fp8.E4M3)
     w8 = sharding.gathered(p.w8)  # FSDP: all-gathered as FP8, 1 byte per value
-    both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST).astype(x.dtype)
+    both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST, x.dtype)
     ax = both[:, p.out :]  # (T, rank)
     if p.b_in_forward:
         # (A x) [b; 0]^T spans all out + rank columns, so the sum with the GEMM's result
@@ -265,7 +265,7 @@ def _melded_bwd(residuals, g: jax.Array):
     full = sharding.gathered(w8)
     backbone = lax.slice_in_dim(full, 0, out, axis=0)
     # (T, in), written by the GEMM in g's dtype (float32 accumulation)
-    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT).astype(g.dtype)
+    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT, g.dtype)
     if live:  # d/dx of (A x) b^T: (g b) A, in g's dtype with float32 accumulation
         gb = lax.dot_general(g_tokens, sharding.gathered(b).astype(g.dtype), _CONTRACT_ROWS,
                              preferred_element_type=jnp.float32)  # (T, r)

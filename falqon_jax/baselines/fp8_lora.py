@@ -158,11 +158,11 @@ def _forward(scaling, w8, scale, a, b, x):
     a8, a_scale = fp8.quantize(a, fp8.E4M3)
     b8, b_scale = fp8.quantize(b, fp8.E4M3)
     # Each GEMM writes its (T, out) result in x's dtype, as torchao's float8 linears do.
-    base = fp8.fp8_dot(x8, x_scale, w8, scale, _CONTRACT_LAST).astype(x.dtype)  # (T, out)
+    base = fp8.fp8_dot(x8, x_scale, w8, scale, _CONTRACT_LAST, x.dtype)  # (T, out)
     ax = fp8.fp8_dot(x8, x_scale, a8, a_scale, _CONTRACT_LAST)  # (T, r) float32
     ax8, ax_scale = fp8.quantize_gemm_result(ax, fp8.E4M3)
     # s (x A^T) B^T: the LoRA multiplier s folded into the GEMM's scale
-    lora = fp8.fp8_dot(ax8, ax_scale * scaling, b8, b_scale, _CONTRACT_LAST).astype(x.dtype)
+    lora = fp8.fp8_dot(ax8, ax_scale * scaling, b8, b_scale, _CONTRACT_LAST, x.dtype)
     return base + lora, (w8, scale, x8, x_scale, a8, a_scale, ax8, ax_scale, b8, b_scale)
 
 
@@ -178,8 +178,8 @@ def _fp8_lora_bwd(scaling, residuals, g):
     dax = fp8.fp8_dot(g8, lora_g_scale, b8, b_scale, _CONTRACT_INNER)  # (T, r)
     dax8, dax_scale = fp8.quantize_gemm_result(dax, fp8.E5M2)
     da = fp8.fp8_dot(dax8, dax_scale, x8, x_scale, _CONTRACT_TOKENS)  # (r, in)
-    dx = fp8.fp8_dot(g8, g_scale, w8, scale, _CONTRACT_INNER).astype(g.dtype)  # (T, in)
-    dx = dx + fp8.fp8_dot(dax8, dax_scale, a8, a_scale, _CONTRACT_INNER).astype(g.dtype)
+    dx = fp8.fp8_dot(g8, g_scale, w8, scale, _CONTRACT_INNER, g.dtype)  # (T, in)
+    dx = dx + fp8.fp8_dot(dax8, dax_scale, a8, a_scale, _CONTRACT_INNER, g.dtype)
     # None: symbolic zero cotangents for the frozen backbone ``w8`` and its ``scale``.
     return None, None, da, db, dx
 
