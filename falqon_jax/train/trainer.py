@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 from jax.sharding import Mesh
 
 from falqon_jax import sharding
@@ -110,12 +111,21 @@ class TrainState(NamedTuple):
 def token_loss_sum(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """Sum of next-token cross-entropies where ``mask`` is 1 (float32 scalar).
 
-    logits float32 ``[B, L, V]``; tokens int32 ``[B, L]``; mask float32 ``[B, L]`` where
-    ``mask[:, i]`` weights the prediction of ``tokens[:, i]`` from the tokens before it.
+    logits ``[B, L, V]`` (any float dtype; the softmax runs in float32); tokens int32
+    ``[B, L]``; mask float32 ``[B, L]`` where ``mask[:, i]`` weights the prediction of
+    ``tokens[:, i]`` from the tokens before it.
+
+    Written as ``logsumexp(logits) - logit of the next token`` at every position (the last
+    one weighted 0), with the picked logit selected by comparison, not gathered: the
+    gradient is then ``softmax - one_hot`` in one elementwise pass, with no scatter into a
+    float32 ``[B, L, V]`` of zeros and no padding of a sliced ``[B, L - 1, V]``.
     """
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return -jnp.sum(picked * mask[:, 1:])
+    logits = logits.astype(jnp.float32)
+    following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # next token
+    weights = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    vocab = lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    picked = jnp.sum(jnp.where(vocab == following[..., None], logits, 0.0), axis=-1)
+    return -jnp.sum((picked - jax.nn.logsumexp(logits, axis=-1)) * weights)
 
 
 class Trainer:
