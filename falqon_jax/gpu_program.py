@@ -413,6 +413,42 @@ class Kernel:
     calls: int
     flops: float
     precision: str | None
+    kind: str = "other"
+
+
+def kernel_kind(instr: Instr, precision: str | None) -> str:
+    """What a kernel is for the bytes tables: ``gemm-<precision>``, ``attention`` (a fused
+    attention custom call), ``fp8-cast`` (writes an FP8 tensor), ``copy`` (copies,
+    transposes and slices: layout, not math), ``collective`` or ``other`` (norms, RoPE,
+    activations, reductions, the loss)."""
+    if precision is not None and "fmha" not in instr.attrs:
+        return f"gemm-{precision}"
+    if instr.opcode == "custom-call" and "__cudnn$fmha" in instr.attrs:
+        return "attention"
+    if any(is_fp8(dtype) for dtype, _ in instr.shapes):
+        return "fp8-cast"
+    if instr.opcode.removesuffix("-start") in _COLLECTIVES:
+        return "collective"
+    if instr.opcode in ("copy", "transpose", "dynamic-slice", "slice") or re.match(
+            r"(loop|input)_(copy|transpose|dynamic_slice|slice)_fusion", instr.name):
+        return "copy"
+    return "other"
+
+
+def seq_by_seq_tensors(program: Program, seq: int) -> list[str]:
+    """Every instruction of ``program`` with a result of at least three dimensions, two of
+    them of size ``seq`` (attention scores ``(b, heads, seq, seq)`` and the like), as
+    ``name dtype[dims]``. Bitcasts are views, not tensors: XLA views e.g. the stacked
+    ``(layers, 4096, 64)`` adapters of the update as ``(layers, 512, 512)``."""
+    found = []
+    for instrs in program.computations.values():
+        for instr in instrs.values():
+            if instr.opcode == "bitcast":
+                continue
+            for dtype, dims in instr.shapes:
+                if len(dims) >= 3 and sum(d == seq for d in dims) >= 2:
+                    found.append(f"{instr.name} {dtype}{list(dims)}")
+    return found
 
 
 def kernels(program: Program) -> list[Kernel]:
@@ -442,13 +478,40 @@ def kernels(program: Program) -> list[Kernel]:
             flops = sum(g.flops for g in gemm_list)
             precision = max((g.precision for g in gemm_list), key=_PRECISION_ORDER.index,
                             default=None)
+            if not gemm_list and instr.opcode == "custom-call":
+                flops, precision = attention_flops(program, instr)
             read, written = _traffic(program, instr)
             launched.append(Kernel(instr.name, instr.opcode, read, written, calls, flops,
-                                   precision))
+                                   precision, kernel_kind(instr, precision)))
     return launched
 
 
 _PRECISION_ORDER = ["fp8", "bf16", "f16", "f32"]
+# cuDNN's fused attention: its matrix products per call (forward: scores and values;
+# backward: the scores again, then the value, probability, query and key gradients).
+_FMHA_PRODUCTS = {"__cudnn$fmhaSoftmax": 2, "__cudnn$fmhaSoftmaxBackward": 5}
+
+
+def attention_flops(program: Program, instr: Instr) -> tuple[float, str | None]:
+    """``(FLOPs, precision)`` per call of a cuDNN fused-attention custom call, from its
+    shapes: ``2 B N T S H`` per matrix product (``(B, N, T, S)`` the scores' shape, ``H`` the
+    head size), over the ``(query, key)`` pairs its mask keeps (a causal mask keeps
+    ``sum_i min(i + 1, S)`` of ``T S``: cuDNN skips the masked tiles). ``(0, None)`` for any
+    other call. Counted so that moving attention into a custom call never hides its work
+    from :func:`roofline`."""
+    target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
+    products = _FMHA_PRODUCTS.get(target.group(1) if target else "", 0)
+    config = _backend_config(instr).get("cudnn_fmha_backend_config", {})
+    dims = config.get("intermediate_tensor_shape", {}).get("dimensions", [])
+    query = program.find(instr.computation, instr.operands[0]) if instr.operands else None
+    if not products or len(dims) != 4 or query is None:
+        return 0.0, None
+    batch, heads, queries, keys = (int(d) for d in dims)
+    pairs = float(queries * keys)
+    if "CAUSAL" in config.get("mask_type", ""):
+        pairs = float(sum(min(i + 1, keys) for i in range(queries)))
+    precision = {"bf16": "bf16", "f16": "f16"}.get(query.dtype, "f32")
+    return products * 2.0 * batch * heads * pairs * query.dims[-1], precision
 
 
 def _outermost_fusion(program: Program, computation: str) -> Instr | None:

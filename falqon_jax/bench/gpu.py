@@ -103,12 +103,26 @@ def program_row(case: Case, compiled: Any, target: targets.Target, backend: str,
         "fp8_move_gb": sum(m.bytes_per_step for m in moves) / 1e9,
         "bound_compute_ms": bound.compute_s * 1e3, "bound_memory_ms": bound.memory_s * 1e3,
         "bound_roofline_ms": bound.bound_s * 1e3, "kernel_gb": bound.bytes / 1e9,
+        "gb_by_kind": bytes_by_kind(program),
+        "fused_attention_calls": sum(k.calls for k in gpu_program.kernels(program)
+                                     if k.kind == "attention"),
     })
+    if case.kind == "model":
+        row["seq_x_seq_tensors"] = len(gpu_program.seq_by_seq_tensors(program,
+                                                                      case.extra["seq"]))
     if case.kind == "model" and (case.method.startswith("falqon") or case.method == "fp8_lora"):
         minimum = minimum_fp8_flops(case.method, case.llama_config, case.tokens,
                                     case.extra["rank"], case.extra["remat"])
         row["fp8_tflop_minimum"] = minimum / 1e12
     return row
+
+
+def bytes_by_kind(program: Any) -> dict[str, float]:
+    """GB per step moved by each kind of kernel (:func:`falqon_jax.gpu_program.kernel_kind`)."""
+    totals: collections.Counter = collections.Counter()
+    for kernel in gpu_program.kernels(program):
+        totals[kernel.kind] += (kernel.read + kernel.written) * kernel.calls / 1e9
+    return {kind: round(gb, 1) for kind, gb in sorted(totals.items())}
 
 
 def collectives_row(case: Case, compiled: Any, target: targets.Target, devices: int,
