@@ -421,10 +421,10 @@ def kernel_kind(instr: Instr, precision: str | None) -> str:
     attention custom call), ``fp8-cast`` (writes an FP8 tensor), ``copy`` (copies,
     transposes and slices: layout, not math), ``collective`` or ``other`` (norms, RoPE,
     activations, reductions, the loss)."""
-    if precision is not None and "fmha" not in instr.attrs:
-        return f"gemm-{precision}"
     if instr.opcode == "custom-call" and "__cudnn$fmha" in instr.attrs:
         return "attention"
+    if precision is not None:
+        return f"gemm-{precision}"
     if any(is_fp8(dtype) for dtype, _ in instr.shapes):
         return "fp8-cast"
     if instr.opcode.removesuffix("-start") in _COLLECTIVES:

@@ -79,6 +79,7 @@ def program_row(case: Case, compiled: Any, target: targets.Target, backend: str,
     found = gpu_program.gemms(program)
     memory = targets.peak_bytes(compiled)
     bound = gpu_program.roofline(program, peaks(target), target.hbm_bytes_per_s)
+    launched = gpu_program.kernels(program)
     kinds = collections.Counter(f"{g.precision} {g.kernel}" for g in found)
     flops = collections.Counter()
     for g in found:
@@ -103,9 +104,8 @@ def program_row(case: Case, compiled: Any, target: targets.Target, backend: str,
         "fp8_move_gb": sum(m.bytes_per_step for m in moves) / 1e9,
         "bound_compute_ms": bound.compute_s * 1e3, "bound_memory_ms": bound.memory_s * 1e3,
         "bound_roofline_ms": bound.bound_s * 1e3, "kernel_gb": bound.bytes / 1e9,
-        "gb_by_kind": bytes_by_kind(program),
-        "fused_attention_calls": sum(k.calls for k in gpu_program.kernels(program)
-                                     if k.kind == "attention"),
+        "gb_by_kind": bytes_by_kind(launched),
+        "fused_attention_calls": sum(k.calls for k in launched if k.kind == "attention"),
     })
     if case.kind == "model":
         row["seq_x_seq_tensors"] = len(gpu_program.seq_by_seq_tensors(program,
@@ -117,10 +117,11 @@ def program_row(case: Case, compiled: Any, target: targets.Target, backend: str,
     return row
 
 
-def bytes_by_kind(program: Any) -> dict[str, float]:
-    """GB per step moved by each kind of kernel (:func:`falqon_jax.gpu_program.kernel_kind`)."""
+def bytes_by_kind(launched: list[gpu_program.Kernel]) -> dict[str, float]:
+    """GB per step moved by each kind of kernel of a program (its
+    :func:`falqon_jax.gpu_program.kernels`; kinds: :func:`~falqon_jax.gpu_program.kernel_kind`)."""
     totals: collections.Counter = collections.Counter()
-    for kernel in gpu_program.kernels(program):
+    for kernel in launched:
         totals[kernel.kind] += (kernel.read + kernel.written) * kernel.calls / 1e9
     return {kind: round(gb, 1) for kind, gb in sorted(totals.items())}
 

@@ -221,15 +221,14 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache.
 
-    ``attention`` ``"xla"``: :func:`~falqon_jax.model.attention.masked` with an additive
-    mask (any padding; always used with a cache). ``"cudnn"``:
-    :func:`~falqon_jax.model.attention.fused`, causal with right padding given as lengths.
+    What ``keys`` is picks the kernel (:class:`Llama` decides which it builds): a bias goes
+    to :func:`~falqon_jax.model.attention.masked` (any padding, a KV cache), row lengths to
+    :func:`~falqon_jax.model.attention.fused` (causal, right padding).
     """
 
     config: LlamaConfig
     plan: LinearPlan
     dtype: Any
-    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -241,9 +240,9 @@ class Attention(nn.Module):
         index: jax.Array | None,
         kv: tuple[jax.Array, jax.Array] | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """``x`` ``(b, s, hidden)``; ``keys`` what each query may attend to: for ``"xla"``
-        a float32 bias ``(b, s, keys)`` (0 or very negative), for ``"cudnn"`` int32 row
-        lengths ``(b,)`` (causal, right padding).
+        """``x`` ``(b, s, hidden)``; ``keys`` what each query may attend to: a float32 bias
+        ``(b, s, keys)`` (0 or very negative), or int32 row lengths ``(b,)`` (causal, right
+        padding; never with a cache).
 
         With a cache, ``kv`` is this layer's ``(k, v)`` ``(b, max_len, kv_heads, head_dim)``;
         the new keys/values are written at slot ``index`` and the updated pair is returned.
@@ -260,7 +259,7 @@ class Attention(nn.Module):
             k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
             v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (k, v)
-        if self.attention == "cudnn" and kv is None:
+        if keys.ndim == 1:
             attn = attention.fused(q, k, v, keys)
         else:
             attn = attention.masked(q, k, v, keys)
@@ -289,7 +288,6 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
     plan: LinearPlan
     dtype: Any
-    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -304,8 +302,7 @@ class DecoderLayer(nn.Module):
         """``x`` ``(b, s, hidden)`` in ``dtype`` -> same; arguments as for :class:`Attention`."""
         c, dt = self.config, self.dtype
         h = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(x)
-        h, kv = Attention(c, self.plan, dt, self.attention, name="self_attn")(
-            h, cos, sin, keys, index, kv)
+        h, kv = Attention(c, self.plan, dt, name="self_attn")(h, cos, sin, keys, index, kv)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(x)
         return x + MLP(c, self.plan, dt, name="mlp")(h), kv
@@ -412,8 +409,7 @@ class Llama(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
         )
-        x, kv = stack(c, self.plan, dt, self.attention, name="layers")(
-            x, cos, sin, keys, index, kv)
+        x, kv = stack(c, self.plan, dt, name="layers")(x, cos, sin, keys, index, kv)
         x = RMSNorm(c.rms_norm_eps, dt, name="norm")(x)
         logits = self._lm_head(x, embed).astype(jnp.float32)
         if cache is None:
