@@ -49,8 +49,20 @@ def compute_scale(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
     The largest magnitude is taken in ``x``'s own dtype (exact in any float format), so no
     float32 copy of ``x`` is made for it."""
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-    return scale_from_amax(amax, dtype)
+    return scale_from_amax(abs_max(x), dtype)
+
+
+def abs_max(x: jax.Array) -> jax.Array:
+    """``max(|x|)`` as a float32 scalar, taken in ``x``'s own dtype (exact in any float
+    format, and no float32 copy of ``x``).
+
+    Row maxima first, kept apart from the final maximum by an optimization barrier: XLA
+    would otherwise merge the two reductions into one, and then cannot fuse the row
+    maxima into the kernel that produces ``x`` (e.g. an RMSNorm), which must then write
+    ``|x|`` out for a reduction of its own.
+    """
+    rows = jnp.max(jnp.abs(x), axis=-1) if x.ndim > 1 else jnp.abs(x)
+    return jnp.max(lax.optimization_barrier(rows)).astype(jnp.float32)
 
 
 def cast_to_fp8(x: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
