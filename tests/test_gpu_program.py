@@ -100,6 +100,34 @@ def test_reader_finds_fp8_transposes_and_the_bytes_of_each_kernel():
     assert (kernels["h"].read, kernels["h"].written) == (2 * 64 * 32 + 2 * 16 * 32, 2 * 64 * 16)
 
 
+SLICED = """\
+HloModule m, entry_computation_layout={}
+
+%rows (q0: f8e4m3fn[4,16,32], i: s32[]) -> bf16[4,32] {
+  %q0 = f8e4m3fn[4,16,32]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %c0 = s32[] constant(0)
+  %ds = f8e4m3fn[1,16,32]{2,1,0} dynamic-slice(%q0, %i, %c0, %c0), dynamic_slice_sizes={1,16,32}
+  %b = f8e4m3fn[16,32]{1,0} bitcast(%ds)
+  %s = f8e4m3fn[4,32]{1,0} slice(%b), slice={[12:16], [0:32]}
+  ROOT %cv = bf16[4,32]{1,0} convert(%s)
+}
+
+ENTRY %main (w: f8e4m3fn[4,16,32], i: s32[]) -> bf16[4,32] {
+  %w = f8e4m3fn[4,16,32]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %r = bf16[4,32]{1,0} fusion(%w, %i), kind=kLoop, calls=%rows
+}
+"""
+
+
+def test_reader_counts_only_the_rows_a_slice_of_a_layers_slice_reads():
+    """One layer of a stacked weight (dynamic-slice), then 4 of its 16 rows: the kernel
+    reads those 4 rows, not the layer, nor the stack."""
+    (kernel,) = gpu_program.kernels(gpu_program.parse(SLICED))
+    assert (kernel.read, kernel.written) == (4 * 32 + 4, 2 * 4 * 32)
+
+
 def test_roofline_is_the_per_kernel_maximum_of_flops_and_bytes():
     program = gpu_program.parse(HLO)
     peaks = {"fp8": 2e3, "bf16": 1e3, "f16": 1e3, "f32": 5e2}
