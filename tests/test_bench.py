@@ -223,3 +223,42 @@ def test_hlo_small_preset_all_methods(tmp_path: Path) -> None:
     for shape in {r["shape"] for r in rows}:
         fp8_rows = {r["method"]: r for r in rows if r["shape"] == shape}
         assert fp8_rows["falqon"]["fp8_casts"] < fp8_rows["fp8_lora"]["fp8_casts"]
+
+
+def _tiny_minimum(method: str, remat: bool = True) -> dict[str, float]:
+    settings = cases.Settings(methods=(method,), shapes=(), tokens=0, rank=16,
+                              model_card="tiny", model_layers=0, batch=2, seq=32, top_k=1,
+                              remat=remat, seed=0)
+    return cases.minimum_bytes(cases.model_case(method, settings))
+
+
+def test_minimum_bytes_parts_follow_the_shapes() -> None:
+    """The tiny card (H 64, Q 64, KV 32, F 176, 4 layers, vocab 512), 2 x 32 tokens, bf16,
+    counted again here from the definition: LoRA's bf16 backbone is read in the same passes
+    as fp8_lora's FP8 one, so their weights differ by one byte per backbone value per pass
+    (forward, dL/dx, and the recomputation for all but down_proj) less fp8_lora's scales;
+    every adapter method has the same activations; full fine-tuning adds the weight
+    gradients' second reads; without remat the recomputation's activations and weight
+    reads go."""
+    h, q, kv, f, layers, vocab, tokens = 64, 64, 32, 176, 4, 512, 64
+    qkv = q + 2 * kv
+    lora, fp8_lora, falqon, full = (_tiny_minimum(m) for m in
+                                    ("lora", "fp8_lora", "falqon", "full"))
+    per_pass = q * h + kv * h + kv * h + h * q + f * h + f * h + h * f  # backbone values
+    recomputed = per_pass - h * f  # down_proj's output is not read by the backward
+    scales = 4 * (2 * 7 + 6)  # fp8_lora's float32 scale per projection, read in each pass
+    assert lora["weights"] - fp8_lora["weights"] == layers * (2 * per_pass + recomputed - scales)
+    layer = (6 * h + 2 * qkv + 2 * q + 4 * f) + (4 * h + 2 * qkv + 2 * q + 2 * f) \
+        + (8 * h + 6 * f + 3 * q + 3 * qkv)
+    expected = 2 * tokens * (layers * layer + 3 * h + 4 * vocab)
+    assert lora["activations"] == fp8_lora["activations"] == falqon["activations"] == expected
+    extra = 2 * tokens * layers * (4 * h + qkv + q + 3 * f)
+    assert full["activations"] == expected + extra
+    no_remat = _tiny_minimum("fp8_lora", remat=False)
+    assert fp8_lora["activations"] - no_remat["activations"] == \
+        2 * tokens * layers * (4 * h + 2 * qkv + 2 * q + 2 * f)
+    assert fp8_lora["weights"] - no_remat["weights"] == layers * (recomputed + 4 * 6)
+    for row in (lora, fp8_lora, falqon, full):
+        assert row["total"] == row["weights"] + row["state"] + row["activations"]
+    # Full fine-tuning trains the backbone: its state outweighs the adapters'.
+    assert full["state"] > lora["state"] > 0 and full["weights"] < lora["weights"]

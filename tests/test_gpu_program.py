@@ -198,6 +198,7 @@ def test_every_method_compiles_for_an_h100_on_both_backends(method):
     for backend in BACKENDS:
         row = compiled_row(method, backend)
         assert row["e5m2_x_e5m2_gemms"] == 0
+        assert row["bytes_over_minimum"] > 1.0  # minimum_bytes is a lower bound
         _check_attention(row)
         if method.startswith("falqon"):
             _check_falqon(row)

@@ -427,6 +427,84 @@ def minimum_fp8_flops(method: str, config: LlamaConfig, tokens: int, rank: int,
     return config.num_layers * total
 
 
+def minimum_bytes(case: Case) -> dict[str, float]:
+    """A lower bound of the bytes one train step of a model case moves (``T`` tokens, from
+    shapes), by part. It counts an ideal program of the same structure: every norm, cast,
+    scaling, RoPE, SiLU and residual add fused into the GEMM or attention kernel beside it,
+    so data moves only at GEMM and attention boundaries, each tensor written once and read
+    once by each kernel that needs it.
+
+    * ``weights``: every frozen leaf read once per pass that uses it, in its stored dtype:
+      forward and ``dL/dx`` for the projections and ``lm_head``, and under ``remat`` once
+      more for the projections whose output the backward reads
+      (:data:`OUTPUT_READ_BY_BACKWARD`); of the embedding only its ``T`` rows; norms twice.
+    * ``state``: every trainable leaf read by the same passes and written once, its
+      gradient written and read once; the optimizer's and FALQON's state read and written
+      once.
+    * ``activations`` (compute dtype, ``H`` hidden, ``Q`` query and ``KV`` key/value
+      widths, ``F`` intermediate), per layer and token -- forward
+      ``6 H + 2 (Q + 2 KV) + 2 Q + 4 F``: the residual stream read by the q/k/v GEMM and
+      ``o_proj``'s residual add, q/k/v written and read by attention, its output written
+      and read by ``o_proj``, the residual written and read by gate/up and ``down``'s add,
+      gate/up written and read by ``down``, the layer output written; the recomputation
+      (``remat``) ``4 H + 2 (Q + 2 KV) + 2 Q + 2 F`` (all but ``down``); backward
+      ``8 H + 6 F + 3 Q + 3 (Q + 2 KV)``: each of those tensors' gradients written and
+      read, the values attention's, SwiGLU's and the norms' backward read; ``full`` adds
+      the weight gradients' second reads of inputs and output gradients,
+      ``4 H + (Q + 2 KV) + Q + 3 F``. Adapter gradients read what the ``dL/dx`` GEMMs read
+      and add nothing. Outside the layers: the embedding's rows written, the head's input
+      read twice, the logits and their gradient each written and read once (``4 V``).
+
+    ``total`` is their sum, in bytes.
+    """
+    config = case.llama_config
+    if config is None:
+        raise ValueError("minimum_bytes needs a model case")
+    t = float(case.tokens)
+    c = float(jnp.dtype(case.trainer.config.dtype).itemsize)
+    remat = bool(case.extra["remat"])
+    params = case.state.params
+    projections = {f"{target}_proj": target for target in linear_shapes(config)}
+
+    def passes(path: tuple[Any, ...]) -> float:
+        names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+        target = next((projections[n] for n in names if n in projections), None)
+        if target is not None:
+            return 2.0 + (remat and target in OUTPUT_READ_BY_BACKWARD)
+        if "lm_head" in names:
+            return 2.0
+        if "embed_tokens" in names:  # a gather, unless tied to the head
+            return 0.0 if "lm_head" in params else 2.0
+        return 2.0
+
+    weights = trainable = 0.0
+    for (path, leaf), keep in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                  jax.tree.leaves(case.trainer.mask), strict=True):
+        size = float(leaf.size * jnp.dtype(leaf.dtype).itemsize)
+        if keep:
+            trainable += size * (passes(path) + 1.0 + 2.0)  # passes, update; gradient w + r
+        else:
+            weights += size * passes(path)
+    state = trainable + 2.0 * sum(
+        float(leaf.size * jnp.dtype(leaf.dtype).itemsize)
+        for leaf in jax.tree.leaves((case.state.opt_state, case.state.falqon_state)))
+
+    h, f = float(config.hidden_size), float(config.intermediate_size)
+    q = float(config.num_heads * config.head_dim)
+    qkv = q + 2.0 * config.num_kv_heads * config.head_dim
+    layer = 6 * h + 2 * qkv + 2 * q + 4 * f + 8 * h + 6 * f + 3 * q + 3 * qkv
+    if remat:
+        layer += 4 * h + 2 * qkv + 2 * q + 2 * f
+    if case.method == "full":
+        layer += 4 * h + qkv + q + 3 * f
+    outside = 3 * h + 4 * config.vocab_size
+    activations = t * c * (config.num_layers * layer + outside)
+    if "embed_tokens" in params:  # its T rows read (a gather)
+        weights += t * h * float(jnp.dtype(params["embed_tokens"].dtype).itemsize)
+    return {"weights": weights, "state": state, "activations": activations,
+            "total": weights + state + activations}
+
+
 # --------------------------------------------------------------------------------------
 # Rows.
 

@@ -14,8 +14,12 @@ checkpointing, rank 64, bf16) -- is compiled for a compile-only GPU (default an 
   large FP8 tensors;
 * for FALQON and ``fp8_lora``, the FP8 GEMM FLOPs against the minimum the method needs
   (:func:`falqon_jax.bench.cases.minimum_fp8_flops`);
+* for models, the bytes the step cannot move less than
+  (:func:`falqon_jax.bench.cases.minimum_bytes`) and the program's bytes over them
+  (``B/min``);
 * lower bounds of the step time (:func:`falqon_jax.gpu_program.roofline`): labelled
-  bounds from the program's FLOPs and bytes, not measurements.
+  bounds from the program's FLOPs and bytes, not measurements; ``/FLOP`` is the bound over
+  the bound its FLOPs alone give.
 
 ``--fsdp N`` adds the models' FSDP step over N compile-only GPUs of one node (cuBLASLt):
 collectives per decoder layer and the dtype FP8 weights travel in.
@@ -36,6 +40,7 @@ from falqon_jax.bench.cases import (
     Settings,
     base_row,
     linear_case,
+    minimum_bytes,
     minimum_fp8_flops,
     model_case,
 )
@@ -106,10 +111,14 @@ def program_row(case: Case, compiled: Any, target: targets.Target, backend: str,
         "bound_roofline_ms": bound.bound_s * 1e3, "kernel_gb": bound.bytes / 1e9,
         "gb_by_kind": bytes_by_kind(launched),
         "fused_attention_calls": sum(k.calls for k in launched if k.kind == "attention"),
+        "bound_over_flop_bound": bound.bound_s / bound.compute_s if bound.compute_s else None,
     })
     if case.kind == "model":
         row["seq_x_seq_tensors"] = len(gpu_program.seq_by_seq_tensors(program,
                                                                       case.extra["seq"]))
+        least = minimum_bytes(case)
+        row["gb_minimum"] = {part: round(b / 1e9, 1) for part, b in least.items()}
+        row["bytes_over_minimum"] = bound.bytes / least["total"]
     if case.kind == "model" and (case.method.startswith("falqon") or case.method == "fp8_lora"):
         minimum = minimum_fp8_flops(case.method, case.llama_config, case.tokens,
                                     case.extra["rank"], case.extra["remat"])
@@ -208,7 +217,7 @@ def run(settings: Settings, target: targets.Target, backends: tuple[str, ...],
 HEADER = (f"{'method':<22} {'shape':<14} {'backend':<8} {'peak GiB':>8} {'args':>6} "
           f"{'temp':>6} {'<=24':>4} {'fp8/gemms':>9} {'FP8 TF':>7} {'bf16 TF':>7} "
           f"{'f32 TF':>6} {'min FP8':>7} {'wid':>3} {'fp8 mv GB':>9} {'FLOP ms':>7} "
-          f"{'byte ms':>7} {'bound ms':>8}")
+          f"{'byte ms':>7} {'bound ms':>8} {'B/min':>5} {'/FLOP':>5}")
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -222,6 +231,7 @@ def format_row(row: dict[str, Any]) -> str:
         return (f"{lead} {row['peak_bytes'] / GIB:8.2f} GiB per device on {row['devices']} "
                 f"GPUs; per layer: {text}")
     minimum = row.get("fp8_tflop_minimum")
+    over_bytes, over_flops = row.get("bytes_over_minimum"), row.get("bound_over_flop_bound")
     return (f"{lead} {row['peak_bytes'] / GIB:8.2f} {row['arguments_bytes'] / GIB:6.2f} "
             f"{row['temporaries_bytes'] / GIB:6.2f} {'yes' if row['fits_24gib'] else 'no':>4} "
             f"{row['fp8_gemms']:>4}/{row['gemms']:<4} {row['fp8_tflop']:7.1f} "
@@ -229,4 +239,6 @@ def format_row(row: dict[str, Any]) -> str:
             f"{'' if minimum is None else f'{minimum:.1f}':>7} "
             f"{row['gemms_with_widened_fp8']:>3} {row['fp8_move_gb']:9.1f} "
             f"{row['bound_compute_ms']:7.1f} {row['bound_memory_ms']:7.1f} "
-            f"{row['bound_roofline_ms']:8.1f}")
+            f"{row['bound_roofline_ms']:8.1f} "
+            f"{'' if over_bytes is None else f'{over_bytes:.2f}':>5} "
+            f"{'' if over_flops is None else f'{over_flops:.2f}':>5}")
