@@ -11,21 +11,29 @@ layout) becomes a :class:`MeldedLinear`:
 
   - ``True`` (the default, update rules ``visible`` / ``visible_merge`` of
     :func:`falqon_jax.optax.falqon_update`): ``b`` is a live adapter,
-    ``y = x W^T + (A x) b^T``. The melded GEMM already yields ``A x``; adding ``(A x) b^T``
-    is one rank-``r`` GEMM in the compute dtype (and ``g b``, ``(g b) A`` backward), so
-    every update of ``b`` counts at once, however small.
+    ``y = x W^T + (A x) b^T``, so every update of ``b`` counts at once, however small.
   - ``False`` (the paper's rules ``paper`` / ``reference``): **``b`` is always zero**; its
     updates accumulate in a proxy buffer and are merged row by row into ``w8``, so the
     forward pass never adds ``b (A x)``.
 
-:func:`apply` runs ONE FP8 GEMM per forward and one per backward (for ``dL/dx``), plus a
-rank-sized FP8 GEMM for ``dL/db``; the input ``x`` is never saved for the backward pass.
+The GEMMs of :func:`apply` (``T`` tokens; the input ``x`` is never saved for the backward):
+
+* forward, proxy rules: ONE FP8 GEMM of ``Q(x)`` with the melded ``[W; A]``, which yields
+  ``x W^T`` and ``A x`` together;
+* forward, live ``b``: ``A x`` as a rank-sized FP8 GEMM (one for all the layers that read
+  the same ``x``, :func:`apply_shared`), ``(A x) b^T`` in the compute dtype, and the
+  backbone's FP8 GEMM ``Q(x) W^T`` adding it as its bias;
+* backward: ``dL/dx`` is ONE FP8 GEMM, against ``W`` (proxy rules) or against the melded
+  ``[W; A]`` with ``[Q(g), Q(g b)]`` on one E5M2 grid (live ``b``: ``g W + (g b) A``);
+  ``dL/db`` a rank-sized FP8 GEMM; a live ``b`` adds ``g b`` in the compute dtype.
+
 The effective weight is always ``DQ(w8[:out]) + b DQ(w8[out:])`` (:func:`effective_weight`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -205,86 +213,136 @@ def apply(p: MeldedLinear, x: jax.Array) -> jax.Array:
       ``p.b_in_forward``. Gradients flow to ``x`` and ``p.b``; ``w8`` and ``scale`` get zero
       cotangents.
     """
-    if p.w8.ndim != 2:
-        raise ValueError(
-            f"apply takes one layer; got stacked weights of shape {p.w8.shape} "
-            "(map over the leading axes, e.g. with nn.scan or jax.lax.scan)"
-        )
-    if x.shape[-1] != p.in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the layer expects {p.in_features}")
-    return _melded_matmul(p, x)
+    return apply_shared((p,), x)[0]
+
+
+def apply_shared(layers: Sequence[MeldedLinear], x: jax.Array) -> tuple[jax.Array, ...]:
+    """:func:`apply` of several layers to the same ``x`` (e.g. q/k/v, or gate/up): the same
+    outputs, one per layer, and the same gradients, sharing work between the layers:
+    ``Q(x)`` is made once, the live layers' ``A x`` is one FP8 GEMM over their stacked
+    ``A`` rows, and in the backward each layer's ``dL/dx`` GEMM adds the sum of the layers
+    before it as its bias, so no per-layer ``dL/dx`` is written and summed again (the sum
+    is rounded to ``x``'s dtype after each layer, as the separate results were).
+    """
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("apply_shared needs at least one layer")
+    for p in layers:
+        if p.w8.ndim != 2:
+            raise ValueError(
+                f"apply takes one layer; got stacked weights of shape {p.w8.shape} "
+                "(map over the leading axes, e.g. with nn.scan or jax.lax.scan)"
+            )
+        if x.shape[-1] != p.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, the layer expects {p.in_features}")
+    return _melded_matmuls(layers, x)
 
 
 @jax.custom_vjp
-def _melded_matmul(p: MeldedLinear, x: jax.Array) -> jax.Array:
-    return _forward(p, x)[0]
+def _melded_matmuls(layers: tuple[MeldedLinear, ...], x: jax.Array) -> tuple[jax.Array, ...]:
+    return _forward(layers, x)[0]
 
 
-def _forward(p: MeldedLinear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One FP8 GEMM of ``Q_e4m3(x)`` with ``[W; A]``; returns ``(y, ax)``.
+def _forward(layers: tuple[MeldedLinear, ...],
+             x: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The layers' outputs ``y_i`` ``(..., out_i)`` and ``A_i x`` ``(T, rank_i)``, in
+    ``x``'s dtype, from one quantization ``Q_e4m3(x)``.
 
-    ``y`` is ``(..., out)`` and ``ax = A x`` ``(T, rank)``, both in ``x``'s dtype: the GEMM
-    accumulates in float32 and writes its result in the compute dtype (on a GPU the FP8
-    GEMM itself rounds it, so no float32 copy of ``(T, out + rank)`` is written and read
-    again). With a live ``b`` it adds ``(A x) b^T``: a rank-``r`` GEMM with operands in
-    ``x``'s dtype and float32 accumulation (not FP8: ``b``'s small updates must not round
-    away), its result rounded to ``x``'s dtype before the sum.
+    Without a live ``b`` (the paper's rules) a layer is ONE FP8 GEMM of ``Q(x)`` with
+    ``[W; A]``: it yields ``x W^T`` and ``A x`` together, accumulated in float32 and
+    written in the compute dtype (on a GPU the FP8 GEMM itself rounds it).
+
+    With a live ``b``, ``y = x W^T + (A x) b^T``: ``A x`` of all live layers is one FP8
+    GEMM of ``Q(x)`` with their stacked ``A`` rows (``T x sum(rank)``, float32, then each
+    layer's scale), ``(A x) b^T`` a rank-``r`` GEMM in the compute dtype (float32
+    accumulation; not FP8: ``b``'s small updates must not round away), and the backbone's
+    FP8 GEMM ``Q(x) W^T`` adds it as its bias. Melding ``A`` into that GEMM would need
+    ``A x`` before the GEMM that makes it, so the sum would be a pass of its own over the
+    ``T x (out + rank)`` result; as a bias it is read by a GEMM bound by its FLOPs (on
+    cuBLASLt; XLA's Triton GEMMs take no tensor bias, and there the sum joins the next
+    kernel), at the price of reading ``Q(x)`` (one byte per value) once more.
     """
     tokens = x.reshape(-1, x.shape[-1])
     x8, x_scale = fp8.quantize(tokens, fp8.E4M3)
-    w8 = sharding.gathered(p.w8)  # FSDP: all-gathered as FP8, 1 byte per value
-    both = fp8.fp8_dot(x8, x_scale, w8, p.scale, _CONTRACT_LAST, x.dtype)
-    ax = both[:, p.out :]  # (T, rank)
-    if p.b_in_forward:
-        # (A x) [b; 0]^T spans all out + rank columns, so the sum with the GEMM's result
-        # needs no strided copy of its first out columns (the extra rank x rank block adds
-        # zeros to the A x columns, which y does not keep).
-        b = sharding.gathered(p.b).astype(x.dtype)  # FSDP: gathered (f32, out x rank)
-        b_rows = jnp.pad(b, ((0, p.rank), (0, 0)))  # (out + rank, rank)
-        both = both + lax.dot_general(ax, b_rows, _CONTRACT_RANK,
-                                      preferred_element_type=x.dtype)
-    return both[:, : p.out].reshape(x.shape[:-1] + (p.out,)), ax
+    weights = [sharding.gathered(p.w8) for p in layers]  # FSDP: gathered as FP8, 1 B/value
+    live = [i for i, p in enumerate(layers) if p.b_in_forward]
+    ax: dict[int, jax.Array] = {}
+    if live:
+        rows = jnp.concatenate([lax.slice_in_dim(weights[i], layers[i].out,
+                                                 layers[i].out + layers[i].rank, axis=0)
+                                for i in live], axis=0)
+        acc = lax.dot_general(x8, rows, _CONTRACT_LAST, preferred_element_type=jnp.float32)
+        start = 0
+        for i in live:
+            rank = layers[i].rank
+            ax[i] = (acc[:, start:start + rank] * (x_scale * layers[i].scale)).astype(x.dtype)
+            start += rank
+    ys = []
+    for i, p in enumerate(layers):
+        if p.b_in_forward:
+            b = sharding.gathered(p.b).astype(x.dtype)  # FSDP: gathered (f32, out x rank)
+            low_rank = lax.dot_general(ax[i], b, _CONTRACT_RANK,
+                                       preferred_element_type=x.dtype)
+            backbone = lax.slice_in_dim(weights[i], 0, p.out, axis=0)
+            y = fp8.fp8_dot(x8, x_scale, backbone, p.scale, _CONTRACT_LAST,
+                            x.dtype) + low_rank
+        else:
+            both = fp8.fp8_dot(x8, x_scale, weights[i], p.scale, _CONTRACT_LAST, x.dtype)
+            y, ax[i] = both[:, : p.out], both[:, p.out:]
+        ys.append(y.reshape(x.shape[:-1] + (p.out,)))
+    return tuple(ys), tuple(ax[i] for i in range(len(layers)))
 
 
-def _melded_fwd(p: MeldedLinear, x: jax.Array):
-    y, ax = _forward(p, x)
-    ax8, ax_scale = fp8.quantize_gemm_result(ax, fp8.E4M3)  # dL/db's FP8 operand
-    # Residuals: the tiny ``Q(A x)`` and the weights that are already resident (their own
-    # shards under FSDP; the backward gathers them again) -- never ``x``.
-    ax8, ax_scale = checkpoint_name((ax8, ax_scale), SAVED_RESIDUAL)
-    return y, (ax8, ax_scale, p.w8, p.scale, p.b if p.b_in_forward else None)
+def _melded_fwd(layers: tuple[MeldedLinear, ...], x: jax.Array):
+    ys, axs = _forward(layers, x)
+    residuals = []
+    for p, ax in zip(layers, axs, strict=True):
+        ax8, ax_scale = fp8.quantize_gemm_result(ax, fp8.E4M3)  # dL/db's FP8 operand
+        # Residuals: the tiny ``Q(A x)`` and the weights that are already resident (their
+        # own shards under FSDP; the backward gathers them again) -- never ``x``.
+        ax8, ax_scale = checkpoint_name((ax8, ax_scale), SAVED_RESIDUAL)
+        residuals.append((ax8, ax_scale, p.w8, p.scale, p.b if p.b_in_forward else None))
+    return ys, tuple(residuals)
 
 
-def _melded_bwd(residuals, g: jax.Array):
-    ax8, ax_scale, w8, scale, b = residuals
-    rank = ax8.shape[1]
-    out = w8.shape[0] - rank
-    live = b is not None
-    g_tokens = g.reshape(-1, out)
-    g8, g_scale = fp8.quantize(g_tokens, fp8.E5M2)
-    full = sharding.gathered(w8)
-    backbone = lax.slice_in_dim(full, 0, out, axis=0)
-    # (T, in), written by the GEMM in g's dtype (float32 accumulation)
-    dx = fp8.fp8_dot(g8, g_scale, backbone, scale, _CONTRACT_OUT, g.dtype)
-    if live:  # d/dx of (A x) b^T: (g b) A, in g's dtype with float32 accumulation
-        gb = lax.dot_general(g_tokens, sharding.gathered(b).astype(g.dtype), _CONTRACT_ROWS,
-                             preferred_element_type=jnp.float32)  # (T, r)
-        a = (lax.slice_in_dim(full, out, out + rank, axis=0).astype(jnp.float32)
-             * scale).astype(g.dtype)
-        dx = dx + lax.dot_general(gb.astype(g.dtype), a, _CONTRACT_ROWS,
-                                  preferred_element_type=g.dtype)
-    dx = dx.reshape(g.shape[:-1] + (w8.shape[1],))
-    db = fp8.fp8_dot(g8, g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, rank)
-    dp = MeldedLinear(
-        w8=jnp.zeros_like(w8),
-        scale=jnp.zeros_like(scale),
-        b=db,
-        out=out,
-        rank=rank,
-        b_in_forward=live,
-    )
-    return dp, dx
+def _melded_bwd(residuals, gs):
+    """``dL/db`` of every layer and ``dL/dx`` summed over them.
+
+    With a live ``b``, ``dL/dx = g W + (g b) A = [g, g b] [W; A]``: ``g b`` (``T x r``,
+    float32 accumulation) joins ``g`` on ONE E5M2 grid, scaled by the largest magnitude of
+    either (so neither saturates), and one FP8 GEMM against the melded weight gives both
+    terms -- the rank term rounds like ``g`` itself (E5M2), and no ``T x in`` tensor of
+    its own is written and read again. ``dL/db = Q(g)^T Q(A x)`` in FP8.
+    """
+    dtype = gs[0].dtype
+    dx = None
+    grads = []
+    for (ax8, ax_scale, w8, scale, b), g in zip(residuals, gs, strict=True):
+        rank = ax8.shape[1]
+        out = w8.shape[0] - rank
+        g_tokens = g.reshape(-1, out)
+        weight = sharding.gathered(w8)
+        if b is None:
+            g8, g_scale = fp8.quantize(g_tokens, fp8.E5M2)
+            weight = lax.slice_in_dim(weight, 0, out, axis=0)
+        else:  # [g, g b] on one E5M2 grid, against the melded [W; A]
+            gb = lax.dot_general(g_tokens, sharding.gathered(b).astype(dtype),
+                                 _CONTRACT_ROWS, preferred_element_type=jnp.float32)
+            gb = gb.astype(dtype)
+            amax = jnp.maximum(fp8.abs_max(g_tokens), fp8.abs_max(gb))
+            g_scale = fp8.scale_from_amax(amax, fp8.E5M2)
+            g8 = fp8.cast_to_fp8(jnp.concatenate([g_tokens, gb], axis=1), g_scale, fp8.E5M2)
+        # (T, in), written by the GEMM in g's dtype (float32 accumulation), the running
+        # sum of the layers before it added as the GEMM's bias
+        term = fp8.fp8_dot(g8, g_scale, weight, scale, _CONTRACT_OUT, dtype)
+        dx = term if dx is None else term + dx
+        g8 = lax.slice_in_dim(g8, 0, out, axis=1)
+        db = fp8.fp8_dot(g8, g_scale, ax8, ax_scale, _CONTRACT_TOKENS)  # (out, rank)
+        grads.append(MeldedLinear(w8=jnp.zeros_like(w8), scale=jnp.zeros_like(scale), b=db,
+                                  out=out, rank=rank, b_in_forward=b is not None))
+    in_features = residuals[0][2].shape[1]
+    return tuple(grads), dx.reshape(gs[0].shape[:-1] + (in_features,))
 
 
-_melded_matmul.defvjp(_melded_fwd, _melded_bwd)
+_melded_matmuls.defvjp(_melded_fwd, _melded_bwd)
 

@@ -54,6 +54,16 @@ def melded_backward(w8, scale, out, ax, g):
     return dx, db, g8, sg, ax8, sax
 
 
+def melded_backward_live(w8, scale, out, ax, g, gb):
+    """The live-b backward: ``[g, g b]`` on one E5M2 grid against the melded ``[W; A]``;
+    ``gb`` is ``g b`` as the caller computed it. Returns (dx, db, gext8, sg, ax8, sax)."""
+    gext8, sg = quantize(np.concatenate([g, gb], axis=1), E5M2)
+    dx = f64(gext8) @ f64(w8) * float(sg) * float(scale)
+    ax8, sax = quantize(ax, E4M3)
+    db = f64(gext8[:, :out]).T @ f64(ax8) * float(sg) * float(sax)
+    return dx, db, gext8, sg, ax8, sax
+
+
 def summation_bound(a_abs: np.ndarray, b_abs: np.ndarray, k: int, factor: float) -> np.ndarray:
     """Worst-case error of float32 recursive summation of a dot product of length ``k``
     (``k * 2^-24`` relative to the sum of absolute terms), plus one rounding for the

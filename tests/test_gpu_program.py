@@ -220,14 +220,15 @@ def _backbone_shapes() -> set[tuple[int, int]]:
 
     shapes = set()
     for target, (out, in_features) in linear_shapes(load_card("llama-7b")).items():
-        if target != "lm_head":
-            shapes |= {(out, in_features), (out + RANK, in_features)}
+        if target != "lm_head":  # as stored, and transposed (cuBLASLt wants K minor)
+            for rows in (out, out + RANK):
+                shapes |= {(rows, in_features), (in_features, rows)}
     return shapes
 
 
 def _check_falqon(row: dict) -> None:
     """Every GEMM that reads the FP8 backbone is an FP8 GEMM, and the only FP8 data widened
-    is the rank rows of ``A`` for the live ``b``'s bf16 GEMM ``(g b) A``."""
+    is rank rows of ``A`` (the proxy rules' merge ``Buf[K] @ A`` in float32)."""
     gemms = gpu_program.gemms(row["program"])
     backbone = [g for g in gemms if {g.lhs[1][-2:], g.rhs[1][-2:]} & _backbone_shapes()
                 and max(len(g.lhs[1]), len(g.rhs[1])) == 2]
@@ -246,7 +247,10 @@ def test_falqon_h100_program_fp8_flops_are_the_minimum_and_it_fits_in_24_gib():
     recomputed only for ``A x``) and below fp8_lora's; it peaks under 24 GiB and below
     fp8_lora and LoRA; fp8_lora (which needed an optimization barrier) compiles; no method
     runs an e5m2 x e5m2 GEMM; attention is fused in all three; FALQON's roofline bound is
-    at most 2/3 of LoRA's (measured 0.64 cuBLASLt, 0.66 Triton)."""
+    below fp8_lora's, at most 0.625 of LoRA's on cuBLASLt (measured 0.59) and 2/3 on
+    Triton (0.64: XLA's Triton GEMMs take no tensor bias, so the live ``b``'s sum with the
+    backbone GEMM is a pass of its own there); FALQON moves at most 3.2x the bytes the step
+    cannot do without (``minimum_bytes``), and every program at least that."""
     for backend in BACKENDS:
         falqon, fp8_lora, lora = (compiled_row(m, backend) for m in ("falqon", "fp8_lora", "lora"))
         for row in (falqon, fp8_lora, lora):
@@ -261,7 +265,12 @@ def test_falqon_h100_program_fp8_flops_are_the_minimum_and_it_fits_in_24_gib():
         assert falqon["peak_bytes"] < min(fp8_lora["peak_bytes"], lora["peak_bytes"])
         for row in (falqon, fp8_lora, lora):
             _check_attention(row)
-        assert falqon["bound_roofline_ms"] <= lora["bound_roofline_ms"] * 2 / 3
+        share = 0.625 if backend == "cublaslt" else 2 / 3
+        assert falqon["bound_roofline_ms"] <= lora["bound_roofline_ms"] * share
+        assert falqon["bound_roofline_ms"] < fp8_lora["bound_roofline_ms"]
+        assert falqon["bytes_over_minimum"] <= 3.2
+        for row in (falqon, fp8_lora, lora):
+            assert row["bytes_over_minimum"] > 1.0
 
 
 @needs_plugin

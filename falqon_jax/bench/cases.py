@@ -343,7 +343,8 @@ def linear_flops(method: str, out: int, in_features: int, tokens: int, rank: int
     the six rank-``r`` adapter GEMMs, ``6 T r (in + out)``. ``falqon`` runs the forward on
     ``out + r`` rows, ``dL/dx`` on ``out`` rows and ``dL/db`` (``2 T out r``):
     ``4 T out in + 2 T r (in + out)``. A live ``b`` (``falqon``, ``falqon_visible_merge``)
-    adds ``(A x) b^T`` forward and ``g b``, ``(g b) A`` backward: ``2 T r (2 out + in)``.
+    adds ``(A x) b^T`` forward and ``g b``, ``(g b) A`` backward (the last inside the FP8
+    ``dL/dx`` GEMM against ``[W; A]``): ``2 T r (2 out + in)``.
     The top-k merge (``k r in``) is ignored.
     """
     t, o, i, r = float(tokens), float(out), float(in_features), float(rank)
@@ -395,11 +396,14 @@ def minimum_fp8_flops(method: str, config: LlamaConfig, tokens: int, rank: int,
     """The FP8 GEMM FLOPs one train step of the decoder stack cannot do without, per method
     (the seven projections converted, ``T`` tokens, rank ``r``; ``lm_head`` stays bf16):
 
-    * FALQON (every rule): forward ``2 T (out + r) in`` per projection (the melded GEMM,
+    * FALQON, proxy rules: forward ``2 T (out + r) in`` per projection (the melded GEMM,
       which yields ``A x``); ``dL/dx`` ``2 T out in``; ``dL/db`` ``2 T out r``; with
       ``remat``, the recomputation of the outputs the backward reads
       (:data:`OUTPUT_READ_BY_BACKWARD`), ``2 T out in`` each -- ``Q(A x)`` is saved, so
       the recomputation needs no ``A`` row, and ``down_proj`` is not recomputed at all.
+    * FALQON, live ``b``: the same, except that ``dL/dx`` runs on ``[g, g b]`` against the
+      melded ``[W; A]`` (``2 T (out + r) in``) and the recomputed outputs need ``A x``
+      again for ``(A x) b^T`` (``2 T (out + r) in`` each).
     * ``fp8_lora``: forward ``2 T out in + 2 T r (in + out)``; backward ``dL/dx``
       (``2 T out in + 2 T r in``), ``dB``, ``d(x A^T)`` and ``dA`` (``2 T r (2 out + in)``);
       with ``remat``, the forward again for the outputs the backward reads, and
@@ -416,8 +420,9 @@ def minimum_fp8_flops(method: str, config: LlamaConfig, tokens: int, rank: int,
         o, i = float(out), float(in_features)
         recompute = remat and target in OUTPUT_READ_BY_BACKWARD
         if method.startswith("falqon"):
-            total += 2 * t * (o + r) * i + 2 * t * o * i + 2 * t * o * r
-            total += 2 * t * o * i if recompute else 0.0
+            rows = o + r if _live_b(method) else o  # of dL/dx and the recomputation
+            total += 2 * t * (o + r) * i + 2 * t * rows * i + 2 * t * o * r
+            total += 2 * t * rows * i if recompute else 0.0
         elif method == "fp8_lora":
             forward = 2 * t * o * i + 2 * t * r * (i + o)
             total += forward + 2 * t * o * i + 2 * t * r * i + 2 * t * r * (2 * o + i)

@@ -193,15 +193,31 @@ def _linear(
     module: nn.Module, name: str, plan: LinearPlan, target: str, x: jax.Array, out: int, dtype: Any
 ) -> jax.Array:
     """A linear layer through its registry method; params stored as ``module.<name>``."""
-    method = plan.method(target)
+    return _linears(module, ((name, target, out),), plan, x, dtype)[0]
+
+
+def _linears(
+    module: nn.Module, layers: tuple[tuple[str, str, int], ...], plan: LinearPlan,
+    x: jax.Array, dtype: Any,
+) -> tuple[jax.Array, ...]:
+    """Linear layers ``(name, target, out)`` that read the same ``x`` (q/k/v; gate/up), each
+    through its registry method with params ``module.<name>``; layers of one method run
+    together (:meth:`~falqon_jax.model.methods.Method.apply_shared`)."""
     in_features = x.shape[-1]
+    params, used = [], []
+    for name, target, out in layers:
+        method = plan.method(target)
 
-    def init(key: jax.Array) -> Any:
-        k_w, k_m = jax.random.split(key)
-        w = INIT_STD * jax.random.normal(k_w, (out, in_features), jnp.float32)
-        return method.init(w, plan.rank, alpha=plan.alpha, key=k_m, dtype=dtype)
+        def init(key: jax.Array, method=method, out=out) -> Any:
+            k_w, k_m = jax.random.split(key)
+            w = INIT_STD * jax.random.normal(k_w, (out, in_features), jnp.float32)
+            return method.init(w, plan.rank, alpha=plan.alpha, key=k_m, dtype=dtype)
 
-    return method.apply(module.param(name, init), x)
+        params.append(module.param(name, init))
+        used.append(method)
+    if all(method == used[0] for method in used):
+        return used[0].apply_shared(params, x)
+    return tuple(method.apply(p, x) for method, p in zip(used, params, strict=True))
 
 
 class RMSNorm(nn.Module):
@@ -249,9 +265,9 @@ class Attention(nn.Module):
         """
         c, p, dt = self.config, self.plan, self.dtype
         b, s, _ = x.shape
-        q = _linear(self, "q_proj", p, "q", x, c.num_heads * c.head_dim, dt)
-        k = _linear(self, "k_proj", p, "k", x, c.num_kv_heads * c.head_dim, dt)
-        v = _linear(self, "v_proj", p, "v", x, c.num_kv_heads * c.head_dim, dt)
+        q, k, v = _linears(self, (("q_proj", "q", c.num_heads * c.head_dim),
+                                  ("k_proj", "k", c.num_kv_heads * c.head_dim),
+                                  ("v_proj", "v", c.num_kv_heads * c.head_dim)), p, x, dt)
         q = apply_rope(q.reshape(b, s, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, s, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(b, s, c.num_kv_heads, c.head_dim)
@@ -277,8 +293,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, p, dt = self.config, self.plan, self.dtype
-        gate = _linear(self, "gate_proj", p, "gate", x, c.intermediate_size, dt)
-        up = _linear(self, "up_proj", p, "up", x, c.intermediate_size, dt)
+        gate, up = _linears(self, (("gate_proj", "gate", c.intermediate_size),
+                                   ("up_proj", "up", c.intermediate_size)), p, x, dt)
         return _linear(self, "down_proj", p, "down", nn.silu(gate) * up, c.hidden_size, dt)
 
 

@@ -5,6 +5,7 @@ into a params pytree and runs it:
 
 * ``init(w, rank, *, alpha, key, dtype) -> params``
 * ``apply(params, x) -> y``: ``x`` is ``(..., in)``, ``y`` is ``(..., out)`` in ``x``'s dtype
+* optionally ``apply_shared(layers, x) -> (y, ...)``: several layers on the same ``x``
 * ``trainable(params) -> bool pytree`` of the same structure: which leaves an optimizer trains
 * ``check(out, in, rank) -> str | None``: why a layer of that shape cannot be converted
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -90,6 +92,15 @@ class Method:
     def apply(self, params: Any, x: jax.Array) -> jax.Array:
         """``(..., in) -> (..., out)`` in ``x``'s dtype, for one (unstacked) layer."""
         return self.impl().apply(params, x)
+
+    def apply_shared(self, layers: Sequence[Any], x: jax.Array) -> tuple[jax.Array, ...]:
+        """:meth:`apply` of several layers (params pytrees) to the same ``x``, one output
+        each. An implementation's own ``apply_shared`` may share work between them (FALQON
+        sums their ``dL/dx`` inside its FP8 GEMMs); otherwise each layer runs alone."""
+        shared = getattr(self.impl(), "apply_shared", None)
+        if shared is not None:
+            return tuple(shared(layers, x))
+        return tuple(self.apply(params, x) for params in layers)
 
     def trainable(self, params: Any) -> Any:
         """Bool pytree shaped like ``params``: ``True`` where the optimizer trains."""
@@ -173,6 +184,10 @@ class _FalqonImpl:
 
     def apply(self, params: melded.MeldedLinear, x: jax.Array) -> jax.Array:
         return melded.apply(params, x)
+
+    def apply_shared(self, layers: Sequence[melded.MeldedLinear],
+                     x: jax.Array) -> tuple[jax.Array, ...]:
+        return melded.apply_shared(layers, x)
 
     def trainable(self, params: melded.MeldedLinear) -> melded.MeldedLinear:
         return dataclasses.replace(params, w8=False, scale=False, b=True)
