@@ -23,6 +23,7 @@ renames it when complete, so a crash mid-write leaves the previous checkpoints a
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -410,18 +411,23 @@ class QuietWrites:
     preemption sync point) through absl; TensorStore then reports every write still in
     flight into Orbax's event loop, which the failure closed, as a traceback ending in
     ``RuntimeError: Event loop is closed`` printed straight to ``sys.stderr`` (no hook sees
-    it). :meth:`restore` puts both back.
+    it). The writes' futures that nobody awaited after the failure are reported by
+    asyncio's logger when they are collected ("exception was never retrieved"); that logger
+    is quiet too, and :meth:`restore` collects them before it puts everything back.
     """
 
     def __init__(self) -> None:
-        self.logger = logging.getLogger("absl")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.CRITICAL)
+        self.loggers = {name: logging.getLogger(name) for name in ("absl", "asyncio")}
+        self.levels = {name: logger.level for name, logger in self.loggers.items()}
+        for logger in self.loggers.values():
+            logger.setLevel(logging.CRITICAL)
         self.stderr = sys.stderr
         sys.stderr = _WithoutClosedLoopReports(self.stderr)
 
     def restore(self) -> None:
-        self.logger.setLevel(self.level)
+        gc.collect()  # unawaited failed writes are reported now, while still quiet
+        for name, logger in self.loggers.items():
+            logger.setLevel(self.levels[name])
         if isinstance(sys.stderr, _WithoutClosedLoopReports):
             sys.stderr.flush_held()
             sys.stderr = self.stderr
