@@ -26,6 +26,7 @@ from falqon_jax.model.config import load_card
 from falqon_jax.model.llama import Llama, LlamaModel, plan_linears, trainable_mask
 from falqon_jax.model.loading import random_params
 from falqon_jax.train.trainer import combine, partition, token_loss_sum
+from tests.helpers import decode_step_by_step, rel_err
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct"
 F32_MIN = float(np.finfo(np.float32).min)
@@ -40,12 +41,6 @@ F32_TOL = 1e-5
 # bfloat16 outputs (8 significant bits: 2**-8 relative rounding) after bfloat16
 # probabilities times bfloat16 values: a few bfloat16 ulps of the largest output.
 BF16_TOL = 2.0**-6
-
-
-def rel_err(a, ref) -> float:
-    """max |a - ref| / max |ref| (float64)."""
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 # --------------------------------------------------------------------------------------
@@ -336,19 +331,11 @@ def test_model_kv_cache_with_cudnn(monkeypatch):
     prefill = 6
     full = np.asarray(xla.logits(tokens, mask))
 
-    def incremental(model):
-        cache = model.init_cache(batch=2, max_len=16)
-        logits, cache = model.decode(tokens[:, :prefill], cache, mask[:, :prefill])
-        steps = [np.asarray(logits)]
-        for i in range(prefill, tokens.shape[1]):
-            logits, cache = model.decode(tokens[:, i : i + 1], cache)
-            steps.append(np.asarray(logits))
-        return np.concatenate(steps, axis=1)
-
-    ours = incremental(cudnn)
+    ours, _ = decode_step_by_step(cudnn, tokens, mask, prefill, max_len=16)
     real = mask.astype(bool)
     assert rel_err(ours[real], full[real]) < F32_TOL
-    assert rel_err(ours[real], incremental(xla)[real]) < F32_TOL
+    theirs, _ = decode_step_by_step(xla, tokens, mask, prefill, max_len=16)
+    assert rel_err(ours[real], theirs[real]) < F32_TOL
 
 
 # --------------------------------------------------------------------------------------

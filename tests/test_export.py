@@ -20,6 +20,7 @@ from falqon_jax.model import methods
 from falqon_jax.model.llama import ALL_TARGETS
 from falqon_jax.model.loading import LoadError
 from falqon_jax.train.runs import load_run
+from tests.helpers import rel_err
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -28,11 +29,6 @@ TOL = 1e-4  # float32 logits, ours against transformers (as in test_llama)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} not present")
-
-
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    """max |a - ref| / max |ref|."""
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 def bits(x) -> np.ndarray:

@@ -22,6 +22,7 @@ from falqon_jax.model.llama import (
     trainable_mask,
 )
 from falqon_jax.model.loading import random_params
+from tests.helpers import decode_step_by_step, rel_err
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -30,11 +31,6 @@ TOL = 1e-4
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} not present")
-
-
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    """max |a - ref| / max |ref|."""
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +105,9 @@ def test_kv_cache_matches_full_forward(model, tokens):
     prefill = 8
     with jax.default_matmul_precision("highest"):
         full = np.asarray(model.logits(tokens, mask))
-        cache = model.init_cache(batch=2, max_len=32)
-        logits, cache = model.decode(tokens[:, :prefill], cache, mask[:, :prefill])
-        steps = [np.asarray(logits)]
-        for i in range(prefill, tokens.shape[1]):
-            logits, cache = model.decode(tokens[:, i : i + 1], cache)
-            steps.append(np.asarray(logits))
+        incremental, cache = decode_step_by_step(model, tokens, mask, prefill, max_len=32)
     with pytest.raises(ValueError, match="KV cache full"):
         model.decode(np.ones((2, 9), np.int32), cache)
-    incremental = np.concatenate(steps, axis=1)
     real = mask.astype(bool)
     assert rel_err(incremental[real], full[real]) < TOL
     assert int(cache.index) == tokens.shape[1]

@@ -15,6 +15,7 @@ from falqon_jax import fp8, load_model, melded
 from falqon_jax.model import methods
 from falqon_jax.model.config import LlamaConfig, RopeScaling, available_cards, load_card
 from falqon_jax.model.llama import ALL_TARGETS
+from tests.helpers import rel_err
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -22,11 +23,6 @@ TOL = 1e-4
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    """max |a - ref| / max |ref|."""
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 def save_random_llama(path: Path, *, dtype=None, max_shard_size=None, **overrides) -> Path:
