@@ -556,24 +556,23 @@ _SLICES = ("dynamic-slice", "slice", "gather")
 
 
 def _read_of_parameter(body: dict[str, Instr], param: Instr, full: float) -> float:
-    """Bytes a fusion reads of one operand: the slices it takes (a slice of a slice: the
-    inner one), nothing of a buffer it only updates in place, else all of it."""
+    """Bytes a fusion reads of one operand (``full`` bytes): nothing of a buffer it only
+    updates in place, else what :func:`_sliced_bytes` finds."""
     users = _users_through_bitcasts(body, param.name)
-    if users and all(u.opcode in _SLICES for u in users):
-        return min(full, sum(_sliced_bytes(body, u) for u in users))
     if users and all(u.opcode == "dynamic-update-slice" and _is_target(body, u, param.name)
                      for u in users):
         return 0.0
-    return full
+    return _sliced_bytes(body, param, full)
 
 
-def _sliced_bytes(body: dict[str, Instr], piece: Instr) -> float:
-    """Bytes a slice reads: those of the slices taken of it in turn, if that is all it is
-    used for (e.g. one layer's weight of a stack, then rows of that layer)."""
+def _sliced_bytes(body: dict[str, Instr], piece: Instr, size: float) -> float:
+    """Bytes read of ``piece`` (``size`` bytes): if slices are all it is used for, those
+    slices, each counted the same way (e.g. one layer's weight of a stack, then rows of
+    that layer), else all of it."""
     users = _users_through_bitcasts(body, piece.name)
     if users and all(u.opcode in _SLICES for u in users):
-        return min(piece.bytes, sum(_sliced_bytes(body, u) for u in users))
-    return piece.bytes
+        return min(size, sum(_sliced_bytes(body, u, u.bytes) for u in users))
+    return size
 
 
 def _users_through_bitcasts(body: dict[str, Instr], name: str) -> list[Instr]:
