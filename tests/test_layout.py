@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "falqon_jax"
 LAYERS = {
     "falqon_jax.fp8": 0, "falqon_jax.sharding": 0, "falqon_jax.cli": 0, "falqon_jax.hub": 0,
     "falqon_jax.targets": 0, "falqon_jax.gpu_program": 0, "falqon_jax.packaged": 0,
-    "falqon_jax.melded": 1, "falqon_jax.optax": 1,
+    "falqon_jax.rules": 0, "falqon_jax.tree_paths": 0,
+    "falqon_jax.melded": 1, "falqon_jax.merging": 1, "falqon_jax.optax": 1,
     "falqon_jax.baselines": 2,
     "falqon_jax.model": 3,
     "falqon_jax.train": 4, "falqon_jax.export": 4,

@@ -42,6 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from falqon_jax.model.methods import FALQON
+from falqon_jax.rules import PAPER as PAPER_RULE
+from falqon_jax.rules import REFERENCE, VISIBLE_MERGE
 from falqon_jax.train.config import PAPER, TrainConfig
 
 ADAPTER_METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
@@ -104,7 +107,7 @@ def falqon_variant(settings: StudySettings, ablation: str = "", **options: Any) 
     values = {"rule": PAPER.rule, "top_k": settings.top_k, "reset": PAPER.reset,
               "rounding": PAPER.rounding, "init_a": PAPER.init_a, "a_scale": PAPER.a_scale,
               "a_gain": PAPER.a_gain} | options
-    return Variant("falqon", tuple(sorted(values.items())), ablation)
+    return Variant(FALQON.name, tuple(sorted(values.items())), ablation)
 
 
 def variants(settings: StudySettings) -> list[Variant]:
@@ -113,14 +116,14 @@ def variants(settings: StudySettings) -> list[Variant]:
     scale), the authors' code, ``visible_merge``, the default rule with the paper's
     natural-scale ``A``, and the paper's rule with stochastic and error-feedback merges."""
     s = settings
-    main = [falqon_variant(s) if m == "falqon" else Variant(m) for m in s.methods]
-    if not s.ablations or "falqon" not in s.methods:
+    main = [falqon_variant(s) if m == FALQON.name else Variant(m) for m in s.methods]
+    if not s.ablations or FALQON.name not in s.methods:
         return main
-    paper = {"rule": "paper", "a_scale": "natural"}
+    paper = {"rule": PAPER_RULE.name, "a_scale": "natural"}
     return main + [
-        falqon_variant(s, "paper", **paper),
-        falqon_variant(s, "reference", rule="reference", a_scale="natural", reset="all"),
-        falqon_variant(s, "visible_merge", rule="visible_merge"),
+        falqon_variant(s, PAPER_RULE.name, **paper),
+        falqon_variant(s, REFERENCE.name, rule=REFERENCE.name, a_scale="natural", reset="all"),
+        falqon_variant(s, VISIBLE_MERGE.name, rule=VISIBLE_MERGE.name),
         falqon_variant(s, "natural A", a_scale="natural"),
         falqon_variant(s, "paper+stochastic", **paper, rounding="stochastic"),
         falqon_variant(s, "paper+feedback", **paper, rounding="feedback"),
@@ -387,7 +390,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     means = [r["eval_loss_mean"] for r in rows]
     spread = [r["eval_loss_std"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows)), 4.0), dpi=110)
-    colors = ["tab:orange" if r["method"] == "falqon" else "tab:blue" for r in rows]
+    colors = ["tab:orange" if r["method"] == FALQON.name else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), means, yerr=spread, color=colors, capsize=3)
     base = rows[0]["base_eval_loss"]
     ax.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"base {base:.3f}")

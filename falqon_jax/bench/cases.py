@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from falqon_jax import sharding
+from falqon_jax import rules, sharding
 from falqon_jax.model import methods
 from falqon_jax.model.config import LlamaConfig, load_card
 from falqon_jax.model.llama import linear_shapes, plan_linears
@@ -19,16 +19,20 @@ from falqon_jax.model.methods import linear_method
 from falqon_jax.train.config import PAPER, TrainConfig
 from falqon_jax.train.trainer import Trainer, TrainState, combine, partition
 
-# FALQON's update rules as bench methods: name -> falqon_update settings. "falqon" is the
-# default rule (a live b); the others are the paper's rule, the authors' code, ...
-FALQON_RULES: dict[str, dict[str, str]] = {
-    "falqon": {"rule": "visible"},
-    "falqon_paper": {"rule": "paper"},
-    "falqon_reference": {"rule": "reference"},
-    "falqon_visible_merge": {"rule": "visible_merge"},
-    "falqon_paper_stochastic": {"rule": "paper", "rounding": "stochastic"},
-    "falqon_paper_feedback": {"rule": "paper", "rounding": "feedback"},
-}
+
+def _falqon_bench_methods() -> dict[str, dict[str, str]]:
+    """FALQON's update rules as bench methods, name -> ``TrainConfig`` settings: ``falqon``
+    is the default rule, ``falqon_<rule>`` every other rule of :mod:`falqon_jax.rules`, and
+    ``falqon_paper_<rounding>`` the paper's rule with its other roundings."""
+    named = {"falqon" if rule.name == rules.DEFAULT_RULE else f"falqon_{rule.name}":
+             {"rule": rule.name} for rule in rules.RULES.values()}
+    for rounding in rules.ROUNDINGS[1:]:
+        named[f"falqon_{rules.PAPER.name}_{rounding}"] = {"rule": rules.PAPER.name,
+                                                          "rounding": rounding}
+    return named
+
+
+FALQON_RULES = _falqon_bench_methods()
 METHOD_NAMES = (*FALQON_RULES, "lora", "fp8_lora", "qlora", "full")
 DEFAULT_METHODS = ("falqon", "falqon_paper", "lora", "fp8_lora", "qlora", "full")
 
@@ -43,9 +47,8 @@ def registry_name(method: str) -> str:
     or without a live ``b``)."""
     if method not in FALQON_RULES:
         return method
-    from falqon_jax.optax import rule_uses_live_b
+    return methods.falqon_method(b_in_forward=rules.get(FALQON_RULES[method]["rule"]).live_b)
 
-    return methods.falqon_method(b_in_forward=rule_uses_live_b(FALQON_RULES[method]["rule"]))
 
 class BenchError(ValueError):
     """A bad flag or an impossible configuration: reported in one line, exit status 2."""
@@ -201,8 +204,8 @@ def train_config(method: str, settings: Settings) -> TrainConfig:
     base = dataclasses.replace(
         PAPER, model=settings.model_card or "llama-7b", data="bench", rank=settings.rank,
         top_k=settings.top_k, remat=settings.remat, batch_size=settings.batch,
-        dtype="bfloat16", seed=settings.seed, method="falqon" if method in FALQON_RULES
-        else method)
+        dtype="bfloat16", seed=settings.seed,
+        method=methods.FALQON.name if method in FALQON_RULES else method)
     return dataclasses.replace(base, **FALQON_RULES.get(method, {}))
 
 
@@ -352,7 +355,7 @@ def linear_flops(method: str, out: int, in_features: int, tokens: int, rank: int
         return 6 * t * o * i
     if method == "frozen":
         return 4 * t * o * i
-    if method.startswith("falqon"):  # a bench method or a FALQON registry name
+    if methods.get(registry_name(method)).melded:  # a bench method or a registry name
         live = 2 * t * r * (2 * o + i) if _live_b(method) else 0.0
         return 4 * t * o * i + 2 * t * r * (i + o) + live
     if method in ("lora", "fp8_lora", "qlora"):

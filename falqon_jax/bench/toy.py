@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from falqon_jax import melded
-from falqon_jax.optax import DEFAULT_RULE, falqon_optimizer, rule_uses_live_b
+from falqon_jax import melded, rules
+from falqon_jax.optax import falqon_optimizer
+from falqon_jax.rules import DEFAULT_RULE
 
 METHODS = ("falqon", "lora_frozen_a", "lora")
 
@@ -80,7 +81,7 @@ def _init(method: str, problem: ToyProblem, rank: int, key: jax.Array, rule: str
     """Params and a forward function ``f(params, x) -> y`` for one method."""
     layers = {"w1": problem.w1, "w2": problem.w2}
     if method == "falqon":
-        live = rule_uses_live_b(rule)
+        live = rules.get(rule).live_b
         params = {name: melded.init(jnp.asarray(w), rank, b_in_forward=live)
                   for name, w in layers.items()}
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from falqon_jax import melded, sharding
+from falqon_jax import melded, rules, sharding
 
 
 class MethodImpl(Protocol):
@@ -105,6 +105,12 @@ class Method:
     def trainable(self, params: Any) -> Any:
         """Bool pytree shaped like ``params``: ``True`` where the optimizer trains."""
         return self.impl().trainable(params)
+
+    @property
+    def melded(self) -> bool:
+        """Whether its layers are FALQON's melded layers (FP8 ``[W; A]`` and ``b``), whose
+        ``b`` an update rule (:mod:`falqon_jax.rules`) trains."""
+        return isinstance(self.source, _FalqonImpl)
 
 
 # --------------------------------------------------------------------------------------
@@ -262,9 +268,13 @@ def linear_method(config: Any) -> str:
     """The registry name a training config's ``method`` means (a
     :class:`~falqon_jax.train.config.TrainConfig`: FALQON's ``rule``, ``init_a`` and
     ``a_scale`` pick the melded layers' variant)."""
-    if config.method != "falqon":
+    if not get(config.method).melded:
         return config.method
-    from falqon_jax.optax import rule_uses_live_b
-
-    return falqon_method(b_in_forward=rule_uses_live_b(config.rule), a_init=config.init_a,
+    return falqon_method(b_in_forward=rules.get(config.rule).live_b, a_init=config.init_a,
                          a_scale=config.a_scale, a_gain=config.a_gain)
+
+
+def training_method(config: Any) -> Method:
+    """The :class:`Method` a training config's ``method`` (with FALQON's ``rule``,
+    ``init_a`` and ``a_scale``) means: what the trainer, checkpoints and plans ask."""
+    return get(linear_method(config))

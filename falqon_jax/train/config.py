@@ -15,16 +15,16 @@ import argparse
 import dataclasses
 import json
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from falqon_jax import packaged
+from falqon_jax import packaged, rules
 from falqon_jax.cli import OneLineParser
+from falqon_jax.model.methods import A_SCALES, DEFAULT_A_GAIN, DEFAULT_A_SCALE
 from falqon_jax.train.stopping import parse_duration
 
 METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
-RULES = ("visible", "visible_merge", "paper", "reference")  # = falqon_jax.optax.RULES
-ROUNDINGS = ("nearest", "stochastic", "feedback")  # = falqon_jax.optax.ROUNDINGS
 DEMO_DATA = "demo"
 
 
@@ -44,13 +44,13 @@ class TrainConfig:
     method: str = "falqon"
     rank: int = 64
     alpha: float = 16.0
-    rule: str = "visible"
+    rule: str = rules.DEFAULT_RULE
     top_k: int = 10
     reset: str = "merged"
     rounding: str = "nearest"
     init_a: str = "svd"
-    a_scale: str = "lora"
-    a_gain: float = 3.0  # = falqon_jax.model.methods.DEFAULT_A_GAIN
+    a_scale: str = DEFAULT_A_SCALE
+    a_gain: float = DEFAULT_A_GAIN
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     lr: float = 2e-3
     schedule: str = "constant"
@@ -151,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         "differ, each flag's help shows both ('demo X, paper Y').",
         argument_default=argparse.SUPPRESS,
     )
-    add = p.add_argument
+    for add_flags in (_source_flags, _method_flags, _optimizer_flags, _run_flags):
+        add_flags(p.add_argument)
+    _show_defaults(p)
+    return p
+
+
+def _source_flags(add: Callable[..., Any]) -> None:
+    """What to fine-tune, on what: recipe, model, data, tokenizer."""
     add("--recipe", help="TOML file of settings (keys are flag names with underscores), or "
         "the name of a recipe shipped with the package, e.g. llama-7b-alpaca-falqon (the "
         "paper's runs and a small SmolLM2 run; a wrong name lists them all)")
@@ -165,27 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-split", help="split of a data set")
     add("--data-config", help="configuration (subset) of a data set that has several")
     add("--tokenizer", help="tokenizer: a directory or Hub name (default: the model's)")
+
+
+def _method_flags(add: Callable[..., Any]) -> None:
+    """The method, the adapter and FALQON's rule and ``A``."""
     add("--method", choices=METHODS, help="falqon (LoRA melded into an FP8 backbone), lora "
         "(bf16 LoRA), fp8_lora (FP8 backbone, GEMMs quantized on the fly), qlora (NF4 "
         "backbone), full (full fine-tuning)")
     add("--rank", type=int, help="adapter rank")
     add("--alpha", type=float, help="LoRA alpha (the adapter's scale is alpha / rank)")
-    add("--rule", choices=RULES, help="FALQON update rule: visible (b is a live "
-        "adapter, nothing rounds away), visible_merge, paper (proxy buffer, top-k merges), "
-        "reference (the authors' code: k = rank, whole buffer cleared)")
+    add("--rule", choices=tuple(rules.RULES), help="FALQON update rule: " + ", ".join(
+        f"{rule.name} ({rule.summary})" for rule in rules.RULES.values()))
     add("--top-k", type=int, help="FALQON rows merged per matrix per step (rules paper, "
         "visible_merge)")
-    add("--reset", choices=("merged", "all"), help="FALQON paper rule: buffer reset after a merge")
-    add("--rounding", choices=ROUNDINGS, help="FALQON merges: nearest, stochastic, or "
+    add("--reset", choices=rules.RESETS, help="FALQON paper rule: buffer reset after a merge")
+    add("--rounding", choices=rules.ROUNDINGS, help="FALQON merges: nearest, stochastic, or "
         "feedback (the rounding residual goes back into the proxy buffer)")
     add("--init-a", choices=("svd", "random", "grad"), help="FALQON's A: svd (of the FP8 "
         "quantization error, the paper), random, or grad (top singular vectors of each "
         "weight's loss gradient on the first training batches)")
-    add("--a-scale", choices=("lora", "natural"), help="FALQON's A row norm: lora (PEFT "
+    add("--a-scale", choices=A_SCALES, help="FALQON's A row norm: lora (PEFT "
         "LoRA's, times alpha/rank) or natural (the paper's sqrt(S) V^T)")
     add("--a-gain", type=float, help="FALQON: multiply the lora row norm of A (with a live b "
         "and Adam, the same as multiplying b's learning rate)")
     add("--targets", help="comma-separated layers to adapt: q,k,v,o,gate,up,down[,lm_head]")
+
+
+def _optimizer_flags(add: Callable[..., Any]) -> None:
+    """The optimizer, the batches and the steps."""
     add("--lr", type=float, help="peak learning rate")
     add("--schedule", choices=("constant", "cosine", "linear"), help="learning rate after "
         "warm-up: constant, or decaying to 0 at the schedule's last step")
@@ -206,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         "weights and adapter initialisation")
     add("--dtype", choices=("bfloat16", "float32"), help="compute dtype")
     add("--remat", action=argparse.BooleanOptionalAction, help="gradient checkpointing")
+
+
+def _run_flags(add: Callable[..., Any]) -> None:
+    """How the run executes: kernels, output, checkpoints, devices, resume, plan."""
     add("--attention", choices=("auto", "cudnn", "xla"), help="attention kernel: cudnn "
         "(fused flash attention, NVIDIA GPUs, bfloat16), xla (any device), or auto (cudnn "
         "where it runs)")
@@ -231,8 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
         "peak memory per device, whether it fits and the largest batch that does (needs the "
         f"h100 extra: {packaged.install_command('h100')}; no weights are loaded, --data may "
         "be left out)")
-    _show_defaults(p)
-    return p
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

@@ -27,9 +27,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from falqon_jax import rules
 from falqon_jax.model.config import LlamaConfig, load_card
 from falqon_jax.model.llama import Llama, LlamaModel, abstract_params, plan_linears
 from falqon_jax.model.loading import DTYPES, LoadError
+from falqon_jax.tree_paths import path_names
 
 CHECKPOINTS = "checkpoints"
 
@@ -85,7 +87,7 @@ def read_run_config(run_dir: Path) -> Any:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in data.items() if k in fields}
     if "rule" not in data:
-        values |= {"rule": "paper", "a_scale": "natural"}
+        values |= {"rule": rules.PAPER.name, "a_scale": "natural"}
     if isinstance(values.get("targets"), list):
         values["targets"] = tuple(values["targets"])
     return TrainConfig(**values)
@@ -145,7 +147,6 @@ def fit_params(saved: dict[str, Any], module: Llama, step_dir: Path) -> Any:
     """``saved`` (nested dicts of path names, as :func:`restore` gives them) in ``module``'s
     parameter structure, cast to its dtypes; leaves ``module`` does not have are dropped.
     Raises :class:`LoadError` for a leaf missing or of another shape."""
-    from falqon_jax.train.state_parts import path_names
 
     def take(path: tuple[Any, ...], want: jax.ShapeDtypeStruct) -> jax.Array:
         node: Any = saved

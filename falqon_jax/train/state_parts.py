@@ -19,13 +19,16 @@ from typing import Any
 
 import jax
 
+from falqon_jax import rules
 from falqon_jax.melded import is_melded
-from falqon_jax.optax import rule_merges_into_w8
+from falqon_jax.model import methods
+from falqon_jax.tree_paths import nested_get, nested_set, path_names
 
 
 def rule_writes_w8(method: str, rule: str) -> bool:
-    """Whether training with ``method``/``rule`` changes the melded FP8 weights."""
-    return method == "falqon" and rule_merges_into_w8(rule)
+    """Whether training with ``method``/``rule`` changes the melded FP8 weights (a melded
+    method under a rule that merges into them)."""
+    return methods.get(method).melded and rules.get(rule).merges_into_w8
 
 
 def changing_mask(state: Any, trainable: Any, *, writes_w8: bool) -> Any:
@@ -43,18 +46,6 @@ def changing_mask(state: Any, trainable: Any, *, writes_w8: bool) -> Any:
     return everything._replace(params=params)
 
 
-def _name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    raise TypeError(f"unsupported pytree path entry {entry!r}")
-
-
-def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    """The names a leaf at the pytree key ``path`` has in a part (see :func:`select`)."""
-    return tuple(_name(e) for e in path)
-
-
 def _paths(tree: Any, mask: Any) -> list[tuple[tuple[str, ...], bool, Any]]:
     """``(names, selected, leaf)`` for every leaf of ``tree`` (``mask`` has its structure)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -70,10 +61,7 @@ def select(tree: Any, mask: Any) -> dict[str, Any]:
     part: dict[str, Any] = {}
     for names, selected, leaf in _paths(tree, mask):
         if selected:
-            node = part
-            for name in names[:-1]:
-                node = node.setdefault(name, {})
-            node[names[-1]] = leaf
+            nested_set(part, names, leaf)
     return part
 
 
@@ -87,12 +75,7 @@ def fill(tree: Any, mask: Any, part: dict[str, Any]) -> Any:
     :func:`select` made it)."""
     leaves = []
     for names, selected, leaf in _paths(tree, mask):
-        if selected:
-            node = part
-            for name in names:
-                node = node[name]
-            leaf = node
-        leaves.append(leaf)
+        leaves.append(nested_get(part, names) if selected else leaf)
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
 

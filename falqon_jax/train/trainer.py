@@ -2,9 +2,10 @@
 
 Gradients are taken with respect to the *trainable* leaves only (``partition`` splits the
 params by the model's trainable mask), so frozen FP8/NF4 weights never get gradients,
-optimizer moments or accumulators. For FALQON, :func:`falqon_jax.optax.falqon_update` then
-turns the optimizer's update of each melded layer's ``b`` into top-k row merges of the FP8
-weight, which :func:`apply_updates` writes in place.
+optimizer moments or accumulators. For FALQON, the update rule
+(:func:`falqon_jax.optax.falqon_update`, :mod:`falqon_jax.rules`) then sends the optimizer's
+update of each melded layer's ``b`` into ``b`` (the default rule) or merges its top-k rows into
+the FP8 weight (the paper's rules), which :func:`apply_updates` writes in place.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from falqon_jax import sharding
+from falqon_jax.model.methods import training_method
 from falqon_jax.optax import falqon_update
 from falqon_jax.train.config import TrainConfig
 
@@ -94,6 +96,17 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def make_merge(config: TrainConfig) -> optax.GradientTransformation:
+    """What follows the optimizer: for a melded method (FALQON), the update rule's
+    :func:`~falqon_jax.optax.falqon_update` over the whole params; otherwise nothing (an
+    empty state, as a checkpoint of such a run holds)."""
+    if not training_method(config).melded:
+        return optax.GradientTransformation(lambda params: (),
+                                            lambda updates, state, params=None: (updates, state))
+    return falqon_update(config.top_k, rule=config.rule, reset=config.reset,
+                         rounding=config.rounding, seed=config.seed)
+
+
 # optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
@@ -147,10 +160,7 @@ class Trainer:
         self.mask = mask
         self.mesh = mesh
         self.optimizer = make_optimizer(config)
-        self.merge = None
-        if config.method == "falqon":
-            self.merge = falqon_update(config.top_k, rule=config.rule, reset=config.reset,
-                                       rounding=config.rounding, seed=config.seed)
+        self.merge = make_merge(config)
         self.schedule = learning_rate(config)
         self.step_fn = self._under_mesh(self._train_step)
         """The traceable step ``(state, tokens, mask, attention) -> (state, metrics)``."""
@@ -172,7 +182,7 @@ class Trainer:
         in the dtypes, strongly typed, that the train step returns it in."""
         trainable, _ = partition(params, self.mask)
         opt_state = self.optimizer.init(trainable)
-        falqon_state = self.merge.init(params) if self.merge is not None else ()
+        falqon_state = self.merge.init(params)
         return strong_types(TrainState(params, opt_state, falqon_state,
                                        jnp.zeros((), jnp.int32)))
 
@@ -238,9 +248,8 @@ class Trainer:
         the train step and the benchmarks' single-layer steps use it)."""
         trainable, _ = partition(state.params, self.mask)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
-        falqon_state = state.falqon_state
-        if self.merge is not None:  # b's update -> top-k row merges into the FP8 weights
-            updates, falqon_state = self.merge.update(updates, falqon_state, state.params)
+        # melded layers: b's update through the rule (into b, or merged into the FP8 weights)
+        updates, falqon_state = self.merge.update(updates, state.falqon_state, state.params)
         params = apply_updates(state.params, updates)
         # exactly the incoming state's dtypes: a state that changed dtype would make the
         # step's next call compile again
