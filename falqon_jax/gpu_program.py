@@ -1,10 +1,12 @@
-"""Reading a compiled GPU program: its GEMMs, widened FP8 operands, FP8 copies and bytes.
+"""Reading programs: the one parser of HLO text in the package.
 
-The input is the optimized HLO text of a program compiled for a GPU
-(``compiled.as_text()``, e.g. for a compile-only target of :mod:`falqon_jax.targets`).
-Everything is counted *per step*: an instruction inside a ``while`` body (the scanned
-decoder layers) counts once per iteration (XLA's ``known_trip_count``), one inside a fusion
-as often as the fusion runs.
+The input is the optimized HLO text of a compiled program (``compiled.as_text()``, or a
+file of an XLA dump), above all one compiled for a GPU (e.g. for a compile-only target of
+:mod:`falqon_jax.targets`); :func:`parse` reads it into a :class:`Program` (computations,
+instructions with their result shapes, what calls what, ``while`` trip counts). The GPU
+readers count *per step*: an instruction inside a ``while`` body (the scanned decoder
+layers) counts once per iteration (XLA's ``known_trip_count``), one inside a fusion as often
+as the fusion runs.
 
 * :func:`gemms` -- every GEMM: its kernel (cuBLASLt FP8, cuBLAS(Lt), Triton, or a plain
   ``dot``), the operand dtypes it computes in, FLOPs per call and calls per step, and the
@@ -16,6 +18,13 @@ as often as the fusion runs.
   estimate: a fusion reading a slice of a stacked weight counts the slice, an in-place
   ``dynamic-update-slice`` counts the update.
 * :func:`roofline` -- lower bounds of the step time from those counts and a GPU's peaks.
+* :func:`collectives` -- every collective with the tensors it sends, per step;
+  :func:`collectives_by_loop` -- the same grouped by the ``while`` body they run in (per
+  decoder layer), from any backend's program, before or after SPMD partitioning.
+* :func:`count_lowered` / :func:`count_compiled` -- casts to FP8 and GEMMs, in the lowered
+  StableHLO (``lowered.as_text()``, backend-independent) and in a compiled program of any
+  backend (fusion bodies included, each counted once); :func:`layout_moves` -- large copies
+  and transposes. These are what ``python -m falqon_jax.bench hlo`` reports.
 """
 
 from __future__ import annotations
@@ -38,8 +47,7 @@ _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
               "opt-barrier", "add-dependency", "domain", "all-gather-done", "all-reduce-done",
               "collective-permute-done", "async-done", "copy-done", "send-done", "recv-done",
               "get-dimension-size", "iota"}
-# Called computations that run per element (scalar reducers), not as kernels.
-_SCALAR_CALLS = ("to_apply=",)
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _CUBLAS = {"__cublas$lt$matmul$f8": "cublasLt-fp8", "__cublas$lt$matmul": "cublasLt",
            "__cublas$gemm": "cublas"}
 
@@ -173,12 +181,16 @@ def _parse_instruction(computation: str, line: str) -> Instr | None:
                  tail[close:], is_tuple, tail[op.end():close - 1].strip(), bool(match.group(1)))
 
 
+_CALLED = re.compile(r"(calls|body|condition|to_apply)=%([\w.\-]+)")
+
+
 def _called(instr: Instr) -> Iterator[tuple[str, str]]:
-    """``(computation, role)`` for every computation ``instr`` calls (not scalar reducers)."""
+    """``(computation, role)`` for every computation ``instr`` calls, in the order the text
+    names them; ``role`` is the attribute (``calls``, ``body``, ``condition``, ``to_apply``:
+    a ``call``'s callee or a scalar reducer) or ``branch`` (a conditional's)."""
     attrs = instr.attrs
-    for key in ("calls", "body", "condition"):
-        for found in re.finditer(key + r"=%([\w.\-]+)", attrs):
-            yield found.group(1), key
+    for found in _CALLED.finditer(attrs):
+        yield found.group(2), found.group(1)
     branches = re.search(r"branch_computations=\{([^}]*)\}", attrs)
     if branches:
         for name in _NAME.findall(branches.group(1)):
@@ -196,6 +208,8 @@ def _calls_per_step(program: Program) -> dict[str, int]:
     for computation, instrs in program.computations.items():
         for instr in instrs.values():
             for called, role in _called(instr):
+                if role == "to_apply":  # reducers run per element; calls are inlined by then
+                    continue
                 callers.setdefault(called, []).append((computation, instr, role))
                 if instr.opcode == "fusion" and role == "calls":
                     program.fusion_of[called] = instr
@@ -275,8 +289,7 @@ def gemms(program: Program) -> list[Gemm]:
         calls = program.calls_per_step.get(computation, 0)
         for instr in instrs.values():
             if instr.opcode == "custom-call":
-                target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
-                kernel = _CUBLAS.get(target.group(1) if target else "")
+                kernel = _CUBLAS.get(custom_call_target(instr))
                 if kernel is None:
                     continue
                 config = _backend_config(instr).get("gemm_backend_config", {})
@@ -299,6 +312,12 @@ def gemms(program: Program) -> list[Gemm]:
                 calls=calls,
                 widened=tuple(w for o in (lhs, rhs) for w in _widened(program, o))))
     return found
+
+
+def custom_call_target(instr: Instr) -> str:
+    """The ``custom_call_target`` of a custom call (``"__cublas$gemm"``, ...); ``""`` if none."""
+    target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
+    return target.group(1) if target else ""
 
 
 def _backend_config(instr: Instr) -> dict[str, Any]:
@@ -365,13 +384,13 @@ def _root(program: Program, computation: str) -> Instr | None:
 
 
 # --------------------------------------------------------------------------------------
-# FP8 layout moves.
+# Layout moves.
 
 
 @dataclasses.dataclass(frozen=True)
 class LayoutMove:
-    """A transpose or copy writing a large FP8 tensor: ``bytes`` moved per call (read +
-    write), ``calls`` per step."""
+    """A transpose or copy writing a large ``dtype[dims]`` tensor: ``bytes`` moved per call
+    (read + write), ``calls`` per step."""
 
     name: str
     opcode: str
@@ -384,17 +403,26 @@ class LayoutMove:
         return 2.0 * size_bytes(self.dtype, self.dims) * self.calls
 
 
-def fp8_layout_moves(program: Program, large: int = 1 << 20) -> list[LayoutMove]:
-    """Transposes and copies (also inside fusions) whose result is an FP8 tensor of at
-    least ``large`` elements."""
+def layout_moves(program: Program, large: int = 1 << 20, *,
+                 fp8_only: bool = False) -> list[LayoutMove]:
+    """Transposes and copies (also inside fusions) that run in the step and whose result is
+    one tensor (not a tuple) of at least ``large`` elements; ``fp8_only``: of an FP8 dtype.
+    Dense data movement: a copy of a weight around an in-place update, a weight transposed
+    for a GEMM's layout."""
     moves = []
     for computation, instrs in program.computations.items():
         calls = program.calls_per_step.get(computation, 0)
         for instr in instrs.values():
-            if instr.opcode in ("transpose", "copy") and is_fp8(instr.dtype) \
-                    and elements(instr.dims) >= large and calls:
+            if instr.opcode in ("transpose", "copy") and not instr.is_tuple and calls \
+                    and elements(instr.dims) >= large and (is_fp8(instr.dtype) or not fp8_only):
                 moves.append(LayoutMove(instr.name, instr.opcode, instr.dtype, instr.dims, calls))
     return moves
+
+
+def fp8_layout_moves(program: Program, large: int = 1 << 20) -> list[LayoutMove]:
+    """:func:`layout_moves` writing an FP8 tensor (e.g. a weight transposed because
+    cuBLASLt's FP8 GEMMs need both operands K-major)."""
+    return layout_moves(program, large, fp8_only=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -427,7 +455,7 @@ def kernel_kind(instr: Instr, precision: str | None) -> str:
         return f"gemm-{precision}"
     if any(is_fp8(dtype) for dtype, _ in instr.shapes):
         return "fp8-cast"
-    if instr.opcode.removesuffix("-start") in _COLLECTIVES:
+    if collective_op(instr) is not None:
         return "collective"
     if instr.opcode in ("copy", "transpose", "dynamic-slice", "slice") or re.match(
             r"(loop|input)_(copy|transpose|dynamic_slice|slice)_fusion", instr.name):
@@ -499,8 +527,7 @@ def attention_flops(program: Program, instr: Instr) -> tuple[float, str | None]:
     ``sum_i min(i + 1, S)`` of ``T S``: cuDNN skips the masked tiles). ``(0, None)`` for any
     other call. Counted so that moving attention into a custom call never hides its work
     from :func:`roofline`."""
-    target = re.search(r'custom_call_target="([^"]+)"', instr.attrs)
-    products = _FMHA_PRODUCTS.get(target.group(1) if target else "", 0)
+    products = _FMHA_PRODUCTS.get(custom_call_target(instr), 0)
     config = _backend_config(instr).get("cudnn_fmha_backend_config", {})
     dims = config.get("intermediate_tensor_shape", {}).get("dimensions", [])
     query = program.find(instr.computation, instr.operands[0]) if instr.operands else None
@@ -659,7 +686,12 @@ def roofline(program: Program, peaks: dict[str, float | None], bandwidth: float)
 # --------------------------------------------------------------------------------------
 # Collectives.
 
-_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+def collective_op(instr: Instr) -> str | None:
+    """The collective ``instr`` is (``all-gather``, ...; an async ``-start`` counts as its
+    op, its ``-done`` not), or ``None``."""
+    op = instr.opcode.removesuffix("-start")
+    return op if op in _COLLECTIVES else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -681,8 +713,8 @@ def collectives(program: Program) -> list[Collective]:
     for computation, instrs in program.computations.items():
         calls = program.calls_per_step.get(computation, 0)
         for instr in instrs.values():
-            op = instr.opcode.removesuffix("-start")
-            if op not in _COLLECTIVES or not calls:
+            op = collective_op(instr)
+            if op is None or not calls:
                 continue
             tensors = []
             for name in instr.operands:
@@ -691,3 +723,120 @@ def collectives(program: Program) -> list[Collective]:
                     tensors.extend(operand.shapes)
             found.append(Collective(instr.name, op, tuple(tensors), calls, computation))
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCollectives:
+    """Collectives of one loop body (or of the top level, outside every loop).
+
+    ``loop`` is the ``while`` op's JAX name (its ``op_name``; ``"top level"`` for the rest);
+    ``counts`` maps ``"<op> <dtype>"`` (e.g. ``"all-gather f8e4m3fn"``, the dtype of the
+    result's first tensor) to how many collective instructions the body holds.
+    """
+
+    loop: str
+    counts: dict[str, int]
+
+
+def collectives_by_loop(program: Program) -> list[LoopCollectives]:
+    """Collectives of ``program`` grouped by the ``while`` body they run in, each counted
+    once however often the body runs: a scanned layer stack is one ``while`` loop, so its
+    body's collectives are the per-layer communication. Everything a body calls counts with
+    it, except nested loops, which are reported on their own. Reads any backend's program,
+    also the HLO right after SPMD partitioning (where calls are not yet inlined). Bodies
+    without collectives are left out."""
+    loops: dict[str, str] = {}  # body computation -> the while's name
+    for instrs in program.computations.values():
+        for instr in instrs.values():
+            if instr.opcode == "while":
+                for body, role in _called(instr):
+                    if role == "body":
+                        name = re.search(r'op_name="([^"]*)"', instr.attrs)
+                        loops[body] = name.group(1) if name else body
+
+    def count(root: str) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        stack, seen = [root], set()
+        while stack:
+            computation = stack.pop()
+            if computation in seen or computation not in program.computations:
+                continue
+            seen.add(computation)
+            for instr in program.computations[computation].values():
+                op = collective_op(instr)
+                # As the regex this replaces read them: not a collective of 6+ tensors.
+                if op is not None and not (instr.is_tuple and len(instr.shapes) > 5):
+                    key = f"{op} {instr.dtype}"
+                    totals[key] = totals.get(key, 0) + 1
+                stack.extend(c for c, _ in _called(instr) if c not in loops)
+        return totals
+
+    roots = ([("top level", program.entry)] if program.entry else []) + [
+        (name, body) for body, name in loops.items()]
+    found = [LoopCollectives(name, count(root)) for name, root in roots]
+    return [loop for loop in found if loop.counts]
+
+
+# --------------------------------------------------------------------------------------
+# Counts for ``python -m falqon_jax.bench hlo``: casts to FP8 and GEMMs, before and after
+# compiling, on any backend.
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramCounts:
+    """Counts of one program: casts to FP8 (``fp8_casts``; ``fp8_casts_large`` those of
+    tensors with at least ``large_elements`` elements), GEMMs, and GEMMs whose left
+    operand is FP8."""
+
+    fp8_casts: int
+    fp8_casts_large: int
+    gemms: int
+    fp8_gemms: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+_MLIR_FP8 = r"f8E4M3FN|f8E5M2|f8e4m3fn|f8e5m2"
+# %3 = stablehlo.convert %2 : (tensor<8x16xf32>) -> tensor<8x16xf8E4M3FN>
+_MLIR_CONVERT = re.compile(r"stablehlo\.convert .*-> tensor<([0-9x]*)x?(" + _MLIR_FP8 + r")>")
+_MLIR_DOT = re.compile(r"stablehlo\.dot_general .*: \(tensor<[0-9x]*x?([a-zA-Z0-9]+)>, tensor<")
+
+
+def count_lowered(text: str, large_elements: int) -> ProgramCounts:
+    """Casts to FP8 (``stablehlo.convert``) and GEMMs (``stablehlo.dot_general``; FP8: the
+    left operand's element type) in lowered StableHLO text (``lowered.as_text()``): what
+    the program asks for, the same on every backend."""
+    casts = [math.prod(int(d) for d in m.group(1).split("x") if d)
+             for m in _MLIR_CONVERT.finditer(text)]
+    dots = _MLIR_DOT.findall(text)
+    return ProgramCounts(
+        fp8_casts=len(casts),
+        fp8_casts_large=sum(n >= large_elements for n in casts),
+        gemms=len(dots),
+        fp8_gemms=sum(t.lower().startswith("f8") for t in dots),
+    )
+
+
+def count_compiled(program: Program, large_elements: int) -> ProgramCounts:
+    """Casts to FP8 (``convert`` to an FP8 tensor) and GEMMs (``dot``, ``convolution``,
+    cuBLAS custom calls; FP8: the left operand's dtype) of a compiled program, every
+    instruction counted once, fusion bodies included (not per step). Backend-specific:
+    XLA:CPU has no FP8 arithmetic and adds float8 <-> float16 round trips a GPU build
+    would not."""
+    instrs = [i for body in program.computations.values() for i in body.values()]
+    casts = [elements(i.dims) for i in instrs
+             if i.opcode == "convert" and not i.is_tuple and is_fp8(i.dtype)]
+    found = [i for i in instrs if i.opcode in ("dot", "convolution") or (
+        i.opcode == "custom-call" and custom_call_target(i).startswith("__cublas"))]
+
+    def lhs_fp8(gemm: Instr) -> bool:
+        lhs = program.find(gemm.computation, gemm.operands[0]) if gemm.operands else None
+        return lhs is not None and is_fp8(lhs.dtype)
+
+    return ProgramCounts(
+        fp8_casts=len(casts),
+        fp8_casts_large=sum(n >= large_elements for n in casts),
+        gemms=len(found),
+        fp8_gemms=sum(lhs_fp8(g) for g in found),
+    )

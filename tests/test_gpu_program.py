@@ -145,6 +145,80 @@ def test_roofline_is_the_per_kernel_maximum_of_flops_and_bytes():
     assert bound.flops == {"fp8": 4 * 2 * 64 * 16 * 32, "bf16": 4 * 2 * 64 * 16 * 32}
 
 
+def test_reader_counts_casts_gemms_and_layout_moves_once_each_for_the_hlo_bench():
+    """The ``hlo`` bench's compiled counts: every instruction once (not per step), GEMMs
+    FP8 by their left operand; the lowered counts from StableHLO text."""
+    program = gpu_program.parse(HLO)
+    counts = gpu_program.count_compiled(program, large_elements=1)
+    assert counts.as_dict() == {"fp8_casts": 0, "fp8_casts_large": 0, "gemms": 2,
+                                "fp8_gemms": 1}
+    moves = gpu_program.layout_moves(program, large=2048)
+    assert [(m.name, m.dtype) for m in moves] == [("tr", "f8e4m3fn")]
+    assert gpu_program.layout_moves(program, large=2049) == []
+    lowered = (
+        "%1 = stablehlo.convert %0 : (tensor<64x32xf32>) -> tensor<64x32xf8E4M3FN>\n"
+        "%2 = stablehlo.convert %0 : (tensor<f32>) -> tensor<f8E5M2>\n"
+        "%3 = stablehlo.dot_general %1, %w, contracting_dims = [1] x [1] : "
+        "(tensor<64x32xf8E4M3FN>, tensor<16x32xf8E4M3FN>) -> tensor<64x16xf32>\n"
+        "%4 = stablehlo.dot_general %x, %y, contracting_dims = [1] x [1] : "
+        "(tensor<64x32xbf16>, tensor<16x32xbf16>) -> tensor<64x16xf32>\n")
+    assert gpu_program.count_lowered(lowered, large_elements=2048).as_dict() == {
+        "fp8_casts": 2, "fp8_casts_large": 1, "gemms": 2, "fp8_gemms": 1}
+
+
+COLLECTIVES = """\
+HloModule c, entry_computation_layout={}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%layer (t: (s32[], f8e4m3fn[8,16])) -> (s32[], f8e4m3fn[8,16]) {
+  %t = (s32[], f8e4m3fn[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %w = f8e4m3fn[8,16]{1,0} get-tuple-element(%t), index=1
+  %ag = (f8e4m3fn[8,16]{1,0}, f8e4m3fn[64,16]{1,0}) all-gather-start(%w), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %agd = f8e4m3fn[64,16]{1,0} all-gather-done(%ag)
+  ROOT %out = (s32[], f8e4m3fn[8,16]{1,0}) tuple(%i, %w)
+}
+
+%layer_cond (c: (s32[], f8e4m3fn[8,16])) -> pred[] {
+  %c = (s32[], f8e4m3fn[8,16]{1,0}) parameter(0)
+  ROOT %k = pred[] constant(false)
+}
+
+%helper (h: f32[4]) -> f32[4] {
+  %h = f32[4]{0} parameter(0)
+  ROOT %ar = f32[4]{0} all-reduce(%h), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+}
+
+ENTRY %main (w: f8e4m3fn[8,16], v: f32[4]) -> (f32[4], f32[4]) {
+  %w = f8e4m3fn[8,16]{1,0} parameter(0)
+  %v = f32[4]{0} parameter(1)
+  %z = s32[] constant(0)
+  %init = (s32[], f8e4m3fn[8,16]{1,0}) tuple(%z, %w)
+  %loop = (s32[], f8e4m3fn[8,16]{1,0}) while(%init), condition=%layer_cond, body=%layer, metadata={op_name="jit(step)/while"}, backend_config={"known_trip_count":{"n":"3"}}
+  %c = f32[4]{0} call(%v), to_apply=%helper
+  ROOT %two = (f32[4]{0}, f32[4]{0}) all-reduce(%c, %v), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+}
+"""
+
+
+def test_reader_groups_collectives_by_the_loop_they_run_in():
+    """Per loop body, each collective once (an async start counts, its done not), named by
+    the ``while``'s ``op_name``; a ``call``'s callee counts with its caller. Per step, the
+    loop's gather runs once per iteration."""
+    program = gpu_program.parse(COLLECTIVES)
+    by_loop = [(loop.loop, loop.counts) for loop in gpu_program.collectives_by_loop(program)]
+    assert by_loop == [("top level", {"all-reduce f32": 2}),
+                       ("jit(step)/while", {"all-gather f8e4m3fn": 1})]
+    gather = [c for c in gpu_program.collectives(program) if c.op == "all-gather"]
+    assert [(c.name, c.calls, c.tensors) for c in gather] == [
+        ("ag", 3, (("f8e4m3fn", (8, 16)),))]
+
+
 def test_largest_batch_search_doubles_then_bisects():
     from falqon_jax.train.plan import _largest_fitting
 

@@ -3,8 +3,9 @@
 :func:`step_collectives` lowers and compiles the real train step (:class:`Trainer`) of a
 model card over a device mesh from abstract shapes -- no weights are allocated, so
 ``llama-7b`` works on a laptop -- and counts the collectives per loop body with
-:func:`falqon_jax.bench.hlo.collectives`. The decoder layers are one ``nn.scan`` loop in the
-forward and one in the backward, so those bodies' counts are the per-layer collectives.
+:func:`falqon_jax.gpu_program.collectives_by_loop`. The decoder layers are one ``nn.scan``
+loop in the forward and one in the backward, so those bodies' counts are the per-layer
+collectives.
 
 Two programs are read:
 
@@ -26,8 +27,7 @@ from typing import Any
 
 import jax
 
-from falqon_jax import sharding
-from falqon_jax.bench import hlo
+from falqon_jax import gpu_program, sharding
 from falqon_jax.model.config import load_card
 from falqon_jax.train.config import PAPER, TrainConfig
 from falqon_jax.train.plan import abstract_step
@@ -101,7 +101,7 @@ def _partitioned_text(dump_dir: Path) -> str | None:
 def by_loop(text: str) -> dict[str, dict[str, int]]:
     """Collectives of HLO text per loop :func:`label` (``{label: {"<op> <dtype>": n}}``)."""
     result: dict[str, dict[str, int]] = {}
-    for loop in hlo.collectives(text):
+    for loop in gpu_program.collectives_by_loop(gpu_program.parse(text)):
         merged = result.setdefault(label(loop.loop), {})
         for key, n in loop.counts.items():
             merged[key] = merged.get(key, 0) + n
