@@ -764,8 +764,7 @@ def collectives_by_loop(program: Program) -> list[LoopCollectives]:
             seen.add(computation)
             for instr in program.computations[computation].values():
                 op = collective_op(instr)
-                # As the regex this replaces read them: not a collective of 6+ tensors.
-                if op is not None and not (instr.is_tuple and len(instr.shapes) > 5):
+                if op is not None:
                     key = f"{op} {instr.dtype}"
                     totals[key] = totals.get(key, 0) + 1
                 stack.extend(c for c, _ in _called(instr) if c not in loops)

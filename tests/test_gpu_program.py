@@ -194,25 +194,28 @@ HloModule c, entry_computation_layout={}
   ROOT %ar = f32[4]{0} all-reduce(%h), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
 }
 
-ENTRY %main (w: f8e4m3fn[8,16], v: f32[4]) -> (f32[4], f32[4]) {
+ENTRY %main (w: f8e4m3fn[8,16], v: f32[4]) -> (f32[], f32[], f32[], f32[], f32[], f32[]) {
   %w = f8e4m3fn[8,16]{1,0} parameter(0)
   %v = f32[4]{0} parameter(1)
   %z = s32[] constant(0)
   %init = (s32[], f8e4m3fn[8,16]{1,0}) tuple(%z, %w)
   %loop = (s32[], f8e4m3fn[8,16]{1,0}) while(%init), condition=%layer_cond, body=%layer, metadata={op_name="jit(step)/while"}, backend_config={"known_trip_count":{"n":"3"}}
   %c = f32[4]{0} call(%v), to_apply=%helper
-  ROOT %two = (f32[4]{0}, f32[4]{0}) all-reduce(%c, %v), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %one = f32[] constant(1)
+  %two = (f32[4]{0}, f32[4]{0}) all-reduce(%c, %v), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  ROOT %six = (f32[], f32[], f32[], f32[], f32[], /*index=5*/f32[]) all-reduce(%one, %one, %one, %one, %one, /*index=5*/%one), channel_id=4, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
 }
 """
 
 
 def test_reader_groups_collectives_by_the_loop_they_run_in():
-    """Per loop body, each collective once (an async start counts, its done not), named by
-    the ``while``'s ``op_name``; a ``call``'s callee counts with its caller. Per step, the
+    """Per loop body, each collective once (an async start counts, its done not; a combined
+    one of six tensors, printed with an ``/*index=5*/`` comment, too), named by the
+    ``while``'s ``op_name``; a ``call``'s callee counts with its caller. Per step, the
     loop's gather runs once per iteration."""
     program = gpu_program.parse(COLLECTIVES)
     by_loop = [(loop.loop, loop.counts) for loop in gpu_program.collectives_by_loop(program)]
-    assert by_loop == [("top level", {"all-reduce f32": 2}),
+    assert by_loop == [("top level", {"all-reduce f32": 3}),
                        ("jit(step)/while", {"all-gather f8e4m3fn": 1})]
     gather = [c for c in gpu_program.collectives(program) if c.op == "all-gather"]
     assert [(c.name, c.calls, c.tensors) for c in gather] == [
