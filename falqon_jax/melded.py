@@ -91,6 +91,14 @@ def check_convertible(out: int, in_features: int, rank: int) -> str | None:
             f"layer shape (out={out}, in={in_features}) is not a multiple of {FP8_ALIGNMENT} "
             "(FP8 GEMM requirement); leave this layer unconverted"
         )
+    return rank_problem(out, in_features, rank)
+
+
+def rank_problem(out: int, in_features: int, rank: int) -> str | None:
+    """Why ``rank`` is not a valid LoRA rank for an ``(out, in)`` layer, or ``None``.
+
+    A rank is valid in ``1..min(out, in)``; FALQON and every adapter baseline use this rule.
+    """
     if rank <= 0 or rank > min(out, in_features):
         limit = min(out, in_features)
         return f"rank must be in 1..{limit} for a ({out}, {in_features}) layer, got {rank}"

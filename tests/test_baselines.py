@@ -87,6 +87,16 @@ def _lora_reference(w, a, b, x, g, scaling):
     return y, dax.T @ x, scaling * g.T @ ax, g @ w + dax @ a
 
 
+def _assert_float32_close(got, refs) -> None:
+    """``(y, dA, dB, dx)`` of a float32 layer within float32 rounding of the float64 ``refs``
+    (:func:`_lora_reference`'s order; ``y`` and ``dx`` are compared over flattened tokens)."""
+    for name, value, ref in zip(("y", "dA", "dB", "dx"), got, refs, strict=True):
+        value = np.asarray(value, np.float64).reshape(ref.shape)
+        np.testing.assert_allclose(
+            value, ref, rtol=F32_REL, atol=F32_REL * np.abs(ref).max(), err_msg=name
+        )
+
+
 def test_lora_init():
     d = _data()
     p = lora.init(d["w"], RANK, alpha=ALPHA, key=jax.random.key(0))
@@ -109,17 +119,7 @@ def test_lora_float32_forward_and_grads():
     )
     y, dp, dx = _vjp(lora, p, d["x"], d["g"])
     w, a, b = (np.float64(d[k]) for k in "wab")
-    y_ref, da_ref, db_ref, dx_ref = _lora_reference(w, a, b, d["x"], d["g"], SCALING)
-    for name, got, ref in [
-        ("y", y, y_ref),
-        ("dA", dp.a, da_ref),
-        ("dB", dp.b, db_ref),
-        ("dx", dx, dx_ref),
-    ]:
-        got = np.asarray(got, np.float64).reshape(ref.shape)
-        np.testing.assert_allclose(
-            got, ref, rtol=F32_REL, atol=F32_REL * np.abs(ref).max(), err_msg=name
-        )
+    _assert_float32_close((y, dp.a, dp.b, dx), _lora_reference(w, a, b, d["x"], d["g"], SCALING))
     assert y.shape == BATCH + (OUT,) and y.dtype == jnp.float32
     assert not np.any(np.asarray(dp.w))  # the frozen backbone gets no gradient
 
@@ -478,19 +478,8 @@ def test_qlora_float32_forward_and_grads():
     assert p.compute_dtype == "float32"
     y, dp, dx = _vjp(qlora, p, d["x"], d["g"])
     w_hat = _nf4_dequant_ref(p.w)
-    y_ref, da_ref, db_ref, dx_ref = _lora_reference(
-        w_hat, np.float64(d["a"]), np.float64(d["b"]), d["x"], d["g"], SCALING
-    )
-    for name, got, ref in [
-        ("y", y, y_ref),
-        ("dA", dp.a, da_ref),
-        ("dB", dp.b, db_ref),
-        ("dx", dx, dx_ref),
-    ]:
-        got = np.asarray(got, np.float64).reshape(ref.shape)
-        np.testing.assert_allclose(
-            got, ref, rtol=F32_REL, atol=F32_REL * np.abs(ref).max(), err_msg=name
-        )
+    refs = _lora_reference(w_hat, np.float64(d["a"]), np.float64(d["b"]), d["x"], d["g"], SCALING)
+    _assert_float32_close((y, dp.a, dp.b, dx), refs)
     for leaf in jax.tree.leaves(dp.w):  # the NF4 storage gets no gradient
         assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
 
@@ -636,3 +625,22 @@ def test_stacked_layers_vmap_init_and_scan_apply(module):
                 np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6
             )
         np.testing.assert_allclose(ys[i], module.apply(single, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("module", "leaves", "static"),
+    [
+        (lora, [".w", ".a", ".b"], (RANK, 16.0)),
+        (fp8_lora, [".w8", ".scale", ".a", ".b"], (RANK, 16.0)),
+        (qlora, [".w.codes", ".w.absmax_q", ".w.absmax_scale", ".w.absmax_offset", ".a", ".b"],
+         (RANK, 16.0, "bfloat16")),
+    ],
+    ids=["lora", "fp8_lora", "qlora"],
+)
+def test_pytree_layout_is_backbone_then_adapter(module, leaves, static):
+    # Checkpoints and exports read these trees by path; flattening order is backbone first.
+    p = module.init(jnp.asarray(_data()["w"]), RANK, key=jax.random.key(0))
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(p)]
+    assert paths == leaves
+    node_data = jax.tree_util.tree_structure(p).node_data()
+    assert node_data is not None and node_data[1] == static

@@ -49,29 +49,21 @@ import jax
 import jax.numpy as jnp
 
 from falqon_jax import fp8, melded
-from falqon_jax.baselines.lora import _adapter_mask, _check_input, _init_adapter, _weight_shape
+from falqon_jax.baselines import adapter
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Fp8LoraLinear:
+@adapter.register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fp8LoraLinear(adapter.LoraAdapter):
     """Parameters of one FP8 LoRA layer (a pytree; ``rank`` and ``alpha`` are static).
 
     ``w8`` float8_e4m3fn ``(out, in)`` and ``scale`` float32 ``()`` are frozen; ``a``
-    float32 ``(rank, in)`` and ``b`` float32 ``(out, rank)`` are trained.
+    float32 ``(rank, in)`` and ``b`` float32 ``(out, rank)`` are trained
+    (:class:`~falqon_jax.baselines.adapter.LoraAdapter`).
     """
 
     w8: jax.Array
     scale: jax.Array
-    a: jax.Array
-    b: jax.Array
-    rank: int = dataclasses.field(metadata=dict(static=True))
-    alpha: float = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def scaling(self) -> float:
-        """The LoRA multiplier ``alpha / rank``."""
-        return self.alpha / self.rank
 
 
 def init(
@@ -89,13 +81,9 @@ def init(
     float32, and ``apply`` returns ``x``'s dtype. Raises ``ValueError`` if ``out`` or ``in``
     is not a multiple of 16 (FP8 GEMM requirement) or the rank is not in ``1..min(out, in)``.
     """
-    out, in_features = _weight_shape(w)
-    problem = check(out, in_features, rank)
-    if problem:
-        raise ValueError(problem)
-    a, b = _init_adapter(key, out, in_features, rank)
+    fields = adapter.new_adapter(w, rank, alpha=alpha, key=key, check=check)
     w8, scale = fp8.quantize(jnp.asarray(w, jnp.float32), fp8.E4M3)
-    return Fp8LoraLinear(w8=w8, scale=scale, a=a, b=b, rank=int(rank), alpha=float(alpha))
+    return Fp8LoraLinear(w8=w8, scale=scale, **fields)
 
 
 def apply(p: Fp8LoraLinear, x: jax.Array) -> jax.Array:
@@ -109,7 +97,7 @@ def apply(p: Fp8LoraLinear, x: jax.Array) -> jax.Array:
       ``(..., out)`` in ``x``'s dtype. Gradients flow to ``x``, ``p.a`` and ``p.b``;
       ``w8`` and ``scale`` get zero cotangents.
     """
-    _check_input(p.w8.shape, x)
+    adapter.check_input(p.w8.shape, x)
     tokens = x.reshape(-1, x.shape[-1])
     a = p.a.astype(jnp.float32)
     b = p.b.astype(jnp.float32)
@@ -128,7 +116,7 @@ def check(out: int, in_features: int, rank: int) -> str | None:
 
 def trainable(p: Fp8LoraLinear) -> Fp8LoraLinear:
     """``p``-shaped pytree of bools: ``True`` for ``a`` and ``b``, ``False`` otherwise."""
-    return _adapter_mask(p)
+    return adapter.trainable(p)
 
 
 # --------------------------------------------------------------------------------------

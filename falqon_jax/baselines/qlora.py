@@ -26,37 +26,21 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from falqon_jax.baselines import nf4
-from falqon_jax.baselines.lora import (
-    _adapter,
-    _adapter_mask,
-    _check_input,
-    _init_adapter,
-    _rank_problem,
-    _weight_shape,
-)
+from falqon_jax import melded
+from falqon_jax.baselines import adapter, nf4
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QLoraLinear:
+@adapter.register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QLoraLinear(adapter.LoraAdapter):
     """Parameters of one QLoRA layer (a pytree; ``rank``, ``alpha``, ``compute_dtype`` static).
 
     ``w`` is the frozen NF4 backbone of shape ``(out, in)``; ``a (rank, in)`` and
-    ``b (out, rank)`` are float32.
+    ``b (out, rank)`` are float32 (:class:`~falqon_jax.baselines.adapter.LoraAdapter`).
     """
 
     w: nf4.NF4Tensor
-    a: jax.Array
-    b: jax.Array
-    rank: int = dataclasses.field(metadata=dict(static=True))
-    alpha: float = dataclasses.field(metadata=dict(static=True))
     compute_dtype: str = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def scaling(self) -> float:
-        """The LoRA multiplier ``alpha / rank``."""
-        return self.alpha / self.rank
 
 
 def init(
@@ -70,25 +54,23 @@ def init(
     """Quantize a float32 weight ``w (out, in)`` to NF4 and attach a LoRA adapter.
 
     ``dtype`` is the compute dtype; ``key`` (required) draws ``a``; ``b`` is zero. Raises
-    ``ValueError`` if ``out * in`` is not a multiple of 64 (the NF4 block size) or the rank
-    is not in ``1..min(out, in)``.
+    ``ValueError`` if ``out * in`` is not a multiple of 64 (the NF4 block size), the rank
+    is not in ``1..min(out, in)`` or ``dtype`` is not a float type.
     """
-    out, in_features = _weight_shape(w)
-    problem = check(out, in_features, rank)
-    if problem:
-        raise ValueError(problem)
+    fields = adapter.new_adapter(
+        w, rank, alpha=alpha, key=key,
+        check=lambda out, in_features, r: check(out, in_features, r) or _dtype_problem(dtype),
+    )
+    return QLoraLinear(w=nf4.quantize_nf4(jnp.asarray(w, jnp.float32)),
+                       compute_dtype=jnp.dtype(dtype).name, **fields)
+
+
+def _dtype_problem(dtype: jnp.dtype) -> str | None:
+    """Why ``dtype`` cannot be the compute dtype (it must be a float type), or ``None``."""
     compute = jnp.dtype(dtype)
     if not jnp.issubdtype(compute, jnp.floating):
-        raise ValueError(f"the compute dtype must be a float type, got {compute}")
-    a, b = _init_adapter(key, out, in_features, rank)
-    return QLoraLinear(
-        w=nf4.quantize_nf4(jnp.asarray(w, jnp.float32)),
-        a=a,
-        b=b,
-        rank=int(rank),
-        alpha=float(alpha),
-        compute_dtype=compute.name,
-    )
+        return f"the compute dtype must be a float type, got {compute}"
+    return None
 
 
 def apply(p: QLoraLinear, x: jax.Array) -> jax.Array:
@@ -101,10 +83,10 @@ def apply(p: QLoraLinear, x: jax.Array) -> jax.Array:
     Returns:
       ``(..., out)`` in ``x``'s dtype. Gradients flow to ``x``, ``p.a`` and ``p.b``.
     """
-    _check_input(p.w.shape, x)
+    adapter.check_input(p.w.shape, x)
     xc = x.astype(p.compute_dtype)
     y = _nf4_matmul(p.w, xc)
-    return (y + _adapter(xc, p.a, p.b, p.scaling)).astype(x.dtype)
+    return (y + adapter.lora_output(xc, p)).astype(x.dtype)
 
 
 def check(out: int, in_features: int, rank: int) -> str | None:
@@ -113,12 +95,12 @@ def check(out: int, in_features: int, rank: int) -> str | None:
     ``out * in`` must be a multiple of the NF4 block size 64 and ``rank`` in
     ``1..min(out, in)``.
     """
-    return nf4.check_quantizable((out, in_features)) or _rank_problem(out, in_features, rank)
+    return nf4.check_quantizable((out, in_features)) or melded.rank_problem(out, in_features, rank)
 
 
 def trainable(p: QLoraLinear) -> QLoraLinear:
     """``p``-shaped pytree of bools: ``True`` for ``a`` and ``b``, ``False`` for ``w``."""
-    return _adapter_mask(p)
+    return adapter.trainable(p)
 
 
 @jax.custom_vjp

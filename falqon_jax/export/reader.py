@@ -367,8 +367,7 @@ class _Fp8Reader:
     def linear(self, prefix: str, kind: str, rank: int, alpha: float, dtype: Any,
                key: jax.Array) -> Any:
         """One layer's params for method ``kind``."""
-        from falqon_jax.baselines import fp8_lora
-        from falqon_jax.baselines.lora import _init_adapter
+        from falqon_jax.baselines import adapter, fp8_lora
 
         if kind == "frozen":
             return methods.Dense(w=jnp.asarray(self.dense(f"{prefix}.weight"), dtype))
@@ -387,9 +386,8 @@ class _Fp8Reader:
                 b_in_forward=True)
         if melded.check_convertible(out_f, in_f, rank):
             raise LoadError(f"{prefix}: {melded.check_convertible(out_f, in_f, rank)}")
-        a, b = _init_adapter(key, out_f, in_f, rank)
-        return fp8_lora.Fp8LoraLinear(w8=jnp.asarray(w8), scale=jnp.asarray(scale), a=a, b=b,
-                                      rank=rank, alpha=alpha)
+        return fp8_lora.Fp8LoraLinear(w8=jnp.asarray(w8), scale=jnp.asarray(scale),
+                                      **adapter.adapter_fields(key, out_f, in_f, rank, alpha))
 
 
 def _bits(array: np.ndarray) -> np.ndarray:
