@@ -204,7 +204,6 @@ def _call(name: HubName, repo_type: str, call: Callable[[], _T],
     ``partly``: the files being fetched into a snapshot already in the cache; if they cannot
     be fetched (offline, no network), the error says the repository is only partly cached.
     """
-    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -219,13 +218,7 @@ def _call(name: HubName, repo_type: str, call: Callable[[], _T],
     try:
         return call()
     except GatedRepoError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status == 403:
-            raise HubError(f"your Hugging Face token has no access to the gated {what} {name} "
-                           f"yet: request it on {_page(name, repo_type)}") from None
-        raise HubError(f"{name} is a gated {what}: accept its terms on "
-                       f"{_page(name, repo_type)}, then log in with `hf auth login` or set "
-                       "HF_TOKEN") from None
+        raise HubError(_gated(name, repo_type, err)) from None
     except RepositoryNotFoundError:
         raise HubError(f"{name} is neither a local path nor a {what} on the Hugging Face Hub "
                        "(for a private one, log in with `hf auth login` or set HF_TOKEN)"
@@ -236,16 +229,7 @@ def _call(name: HubName, repo_type: str, call: Callable[[], _T],
     except IncompleteSnapshotError:
         raise HubError(_partly(name, repo_type, partly or ["some files"])) from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        if partly:
-            raise HubError(_partly(name, repo_type, partly)) from None
-        if constants.is_offline_mode():
-            raise HubError(f"{name} is neither a local path nor a {what} in the Hugging Face "
-                           f"cache ({_cache()}), and HF_HUB_OFFLINE is set: unset it to "
-                           "download it") from None
-        cause = err.__cause__ or err
-        raise HubError(f"{name} is neither a local path nor a {what} in the Hugging Face "
-                       f"cache ({_cache()}), and the Hub cannot be reached "
-                       f"({type(cause).__name__}): check the network connection") from None
+        raise HubError(_not_reachable(name, repo_type, err, partly)) from None
     except HfHubHTTPError as err:
         raise HubError(f"the Hugging Face Hub refused {what} {name}: "
                        f"{_first_line(err)}") from None
@@ -258,6 +242,36 @@ def _call(name: HubName, repo_type: str, call: Callable[[], _T],
         # the connection dropped mid-file: the partial download stays *.incomplete, unused
         raise HubError(f"downloading {what} {name} failed ({type(err).__name__}: "
                        f"{_first_line(err)}); run again to resume") from None
+
+
+def _gated(name: HubName, repo_type: str, err: Exception) -> str:
+    """The message for a gated repository: no access yet (HTTP 403), or terms to accept."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 403:
+        return (f"your Hugging Face token has no access to the gated {_what(repo_type)} {name} "
+                f"yet: request it on {_page(name, repo_type)}")
+    return (f"{name} is a gated {_what(repo_type)}: accept its terms on "
+            f"{_page(name, repo_type)}, then log in with `hf auth login` or set HF_TOKEN")
+
+
+def _not_reachable(name: HubName, repo_type: str, err: Exception,
+                   partly: list[str] | None) -> str:
+    """The message for files neither in the cache nor downloadable (offline, no network).
+
+    ``partly``: the files being fetched into a snapshot already in the cache, if any.
+    """
+    from huggingface_hub import constants
+
+    if partly:
+        return _partly(name, repo_type, partly)
+    what = _what(repo_type)
+    if constants.is_offline_mode():
+        return (f"{name} is neither a local path nor a {what} in the Hugging Face "
+                f"cache ({_cache()}), and HF_HUB_OFFLINE is set: unset it to download it")
+    cause = err.__cause__ or err
+    return (f"{name} is neither a local path nor a {what} in the Hugging Face "
+            f"cache ({_cache()}), and the Hub cannot be reached "
+            f"({type(cause).__name__}): check the network connection")
 
 
 def _first_line(err: BaseException) -> str:

@@ -154,6 +154,26 @@ def load_fp8_export(
     reader = _Fp8Reader(_SafeTensors(_export_files(directory)),
                         _SafeTensors([extras_path] if extras_path.is_file() else []),
                         _Adapter.read(directory))
+    prefixes, kinds = _layer_kinds(directory, reader, config)
+    rank = _layer_rank(directory, reader, prefixes, kinds, rank)
+    alpha = float(alpha if alpha is not None else meta.get("alpha", 16.0))
+    jdtype = jnp.dtype(dtype)
+    params = _read_params(reader, config, prefixes, kinds, rank, alpha, jdtype,
+                          jax.random.key(seed))
+    reader.adapter.check_all_used({name for t, names in prefixes.items()
+                                   if kinds[t] == "falqon" for name in names})
+    plan = LinearPlan(**kinds, rank=rank, alpha=alpha, train_base=False)
+    module = Llama(config, plan, jdtype)
+    if jax.tree.structure(params) != jax.tree.structure(abstract_params(module)):
+        raise LoadError(f"{directory}: its tensors do not form the LLaMA of its config.json")
+    return LlamaModel(module, params)
+
+
+def _layer_kinds(directory: Path, reader: _Fp8Reader, config: LlamaConfig
+                 ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The Hugging Face prefixes of each target's layers (``lm_head`` only if the export
+    has its own) and each target's kind (``falqon``, ``fp8_lora`` or ``frozen``, one per
+    target; ``lm_head`` always has one)."""
     prefixes = {t: [hf_name(t, i) for i in range(config.num_layers)] for t in LAYER_PATHS}
     has_head = "lm_head.weight" in reader.main or "lm_head.weight" in reader.extras
     if has_head:
@@ -167,23 +187,34 @@ def load_fp8_export(
     kinds.setdefault("lm_head", "frozen")
     if has_head and config.tie_word_embeddings and kinds["lm_head"] == "frozen":
         del prefixes["lm_head"]  # tied: the module reuses the embedding
+    return prefixes, kinds
+
+
+def _layer_rank(directory: Path, reader: _Fp8Reader, prefixes: dict[str, list[str]],
+                kinds: dict[str, str], rank: int | None) -> int:
+    """The FALQON layers' one ``A`` rank; without any, ``rank`` (default 16) capped at the
+    smallest dimension of the FP8 layers that get a fresh ``fp8_lora`` adapter."""
     a_ranks = {reader.a_rank(name) for t, names in prefixes.items() if kinds[t] == "falqon"
                for name in names}
     if len(a_ranks) > 1:
         raise LoadError(f"{directory}: falqon_a ranks differ between layers: {sorted(a_ranks)}")
     if a_ranks:
-        rank = a_ranks.pop()
-    else:  # a fresh fp8_lora adapter: at most the smallest FP8 layer's dimension
-        smallest = min((min(reader.shape(names[0])) for t, names in prefixes.items()
-                        if kinds[t] == "fp8_lora"), default=16)
-        rank = min(int(rank or 16), smallest)
-    alpha = float(alpha if alpha is not None else meta.get("alpha", 16.0))
-    jdtype = jnp.dtype(dtype)
-    key = jax.random.key(seed)
+        return a_ranks.pop()
+    smallest = min((min(reader.shape(names[0])) for t, names in prefixes.items()
+                    if kinds[t] == "fp8_lora"), default=16)
+    return min(int(rank or 16), smallest)
+
+
+def _read_params(reader: _Fp8Reader, config: LlamaConfig, prefixes: dict[str, list[str]],
+                 kinds: dict[str, str], rank: int, alpha: float, dtype: Any,
+                 key: jax.Array) -> dict[str, Any]:
+    """The :class:`Llama` params pytree: each target's layers stacked (``lm_head`` alone),
+    norms float32, the embedding in ``dtype``; ``key`` seeds fresh ``fp8_lora`` adapters
+    (folded in per target and layer)."""
 
     def stack(target: str) -> Any:
         items = [
-            reader.linear(name, kinds[target], rank, alpha, jdtype,
+            reader.linear(name, kinds[target], rank, alpha, dtype,
                           jax.random.fold_in(key, ALL_TARGETS.index(target) * 100_000 + i))
             for i, name in enumerate(prefixes[target])
         ]
@@ -198,19 +229,13 @@ def load_fp8_export(
     for target, (group, proj) in LAYER_PATHS.items():
         layers.setdefault(group, {})[proj] = stack(target)
     params: dict[str, Any] = {
-        "embed_tokens": jnp.asarray(reader.dense("model.embed_tokens.weight"), jdtype),
+        "embed_tokens": jnp.asarray(reader.dense("model.embed_tokens.weight"), dtype),
         "layers": layers,
         "norm": {"weight": jnp.asarray(reader.dense("model.norm.weight"))},
     }
     if "lm_head" in prefixes:
         params["lm_head"] = stack("lm_head")
-    reader.adapter.check_all_used({name for t, names in prefixes.items()
-                                   if kinds[t] == "falqon" for name in names})
-    plan = LinearPlan(**kinds, rank=rank, alpha=alpha, train_base=False)
-    module = Llama(config, plan, jdtype)
-    if jax.tree.structure(params) != jax.tree.structure(abstract_params(module)):
-        raise LoadError(f"{directory}: its tensors do not form the LLaMA of its config.json")
-    return LlamaModel(module, params)
+    return params
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

@@ -163,6 +163,28 @@ def generate(
       ValueError: an empty prompt, ``max_new_tokens < 1``, a negative temperature or
         ``top_p`` outside ``(0, 1]``.
     """
+    _check_settings(prompts, max_new_tokens, temperature, top_p)
+    eos_ids = _eos_tuple(eos_id)
+    tokens, mask = _left_padded(prompts, pad_id, mesh)
+    out = _generate(
+        module,
+        params,
+        tokens,
+        mask,
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.asarray(_pad_eos(eos_ids), jnp.int32),
+        max_new_tokens=int(max_new_tokens),
+        mesh=mesh,
+    )
+    return _cut_after_eos(np.asarray(out), eos_ids)
+
+
+def _check_settings(prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    temperature: float, top_p: float) -> None:
+    """``ValueError`` for an empty prompt (or none), ``max_new_tokens < 1``, a negative
+    temperature or ``top_p`` outside ``(0, 1]``."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     if max_new_tokens < 1:
@@ -171,32 +193,31 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    eos_ids = _eos_tuple(eos_id)
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int,
+                 mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """The prompts left-padded with ``pad_id`` to the longest: int32 ``tokens`` and ``mask``
+    (1 on real tokens), both ``(batch, width)``; with ``mesh``, split over its batch axes
+    when the row count divides, else replicated."""
     width = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, width - len(prompt) :] = prompt
         mask[row, width - len(prompt) :] = 1
-    tokens_in, mask_in = jnp.asarray(tokens), jnp.asarray(mask)
-    if mesh is not None:
-        rows = sharding.batch_sharding(mesh) if len(prompts) % sharding.batch_ways(mesh) == 0 \
-            else sharding.replicated(mesh)
-        tokens_in, mask_in = jax.device_put((tokens, mask), rows)
-    out = _generate(
-        module,
-        params,
-        tokens_in,
-        mask_in,
-        jax.random.key(seed),
-        jnp.float32(temperature),
-        jnp.float32(top_p),
-        jnp.asarray(_pad_eos(eos_ids), jnp.int32),
-        max_new_tokens=int(max_new_tokens),
-        mesh=mesh,
-    )
+    if mesh is None:
+        return jnp.asarray(tokens), jnp.asarray(mask)
+    rows = sharding.batch_sharding(mesh) if len(prompts) % sharding.batch_ways(mesh) == 0 \
+        else sharding.replicated(mesh)
+    return jax.device_put((tokens, mask), rows)
+
+
+def _cut_after_eos(out: np.ndarray, eos_ids: tuple[int, ...]) -> list[list[int]]:
+    """Each row of int ``out (batch, max_new_tokens)`` as a list, cut after its first EOS
+    (kept)."""
     results = []
-    for row in np.asarray(out).tolist():
+    for row in out.tolist():
         ends = [i for i, t in enumerate(row) if t in eos_ids]
         results.append(row[: ends[0] + 1] if ends else row)
     return results

@@ -98,20 +98,11 @@ def load_model(
         checkpoint, missing weights, a card without a source and without
         ``init="random"``, a Hub name that cannot be fetched (one-line message).
     """
-    from falqon_jax.model.resolve import classify, model_directory
-
     if init not in (None, "random"):
         raise ValueError(f'init must be None or "random", got {init!r}')
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    kind = classify(path_or_card)
-    if kind == "card" and init == "random":
-        config = load_card(str(path_or_card))
-        source = None
-    else:
-        source = model_directory(path_or_card, weights=init != "random")
-        _refuse_quantized(source)
-        config = LlamaConfig.from_hf(source)
+    config, source = _config_and_source(path_or_card, init)
     plan = plan_linears(config, method, targets=targets, rank=rank, alpha=alpha)
     module = Llama(config, plan, jnp.dtype(dtype), remat=remat, attention=attention)
     if source is None or init == "random":
@@ -119,6 +110,21 @@ def load_model(
     else:
         params = load_params(source, module, jax.random.key(seed))
     return LlamaModel(module, params)
+
+
+def _config_and_source(path_or_card: str | os.PathLike[str],
+                       init: str | None) -> tuple[LlamaConfig, Path | None]:
+    """The architecture of ``path_or_card`` and the checkpoint directory it names (``None``
+    for a model card with ``init="random"``: nothing is read or downloaded but the card).
+
+    With ``init="random"`` a directory or Hub model gives its config only (no weights)."""
+    from falqon_jax.model.resolve import classify, model_directory
+
+    if classify(path_or_card) == "card" and init == "random":
+        return load_card(str(path_or_card)), None
+    source = model_directory(path_or_card, weights=init != "random")
+    _refuse_quantized(source)
+    return LlamaConfig.from_hf(source), source
 
 
 def _refuse_quantized(directory: Path) -> None:
