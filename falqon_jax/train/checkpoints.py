@@ -215,9 +215,6 @@ class CheckpointStore:
     # ----------------------------------------------------------------------------------
     # Reading.
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def read_meta(self, step: int) -> dict[str, Any]:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored.meta)
