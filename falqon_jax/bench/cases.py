@@ -468,10 +468,30 @@ def minimum_bytes(case: Case) -> dict[str, float]:
     config = case.llama_config
     if config is None:
         raise ValueError("minimum_bytes needs a model case")
-    t = float(case.tokens)
-    c = float(jnp.dtype(case.trainer.config.dtype).itemsize)
+    weights = _minimum_weight_bytes(case)
+    state = _minimum_state_bytes(case)
+    activations = _minimum_activation_bytes(case, config)
+    return {"weights": weights, "state": state, "activations": activations,
+            "total": weights + state + activations}
+
+
+def _nbytes(leaf: Any) -> float:
+    return float(leaf.size * jnp.dtype(leaf.dtype).itemsize)
+
+
+def _params_by_mask(case: Case, trainable: bool) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(path, leaf)`` of the trainable (or the frozen) parameters of ``case``."""
+    leaves = jax.tree_util.tree_flatten_with_path(case.state.params)[0]
+    mask = jax.tree.leaves(case.trainer.mask)
+    return [pair for pair, keep in zip(leaves, mask, strict=True) if bool(keep) == trainable]
+
+
+def _weight_passes(case: Case) -> Callable[[tuple[Any, ...]], float]:
+    """How often one step reads a parameter at ``path``: forward and ``dL/dx`` (2), a
+    projection whose output the backward reads once more under ``remat``; the embedding 0
+    when untied (its ``T`` rows are counted apart)."""
+    config, params = case.llama_config, case.state.params
     remat = bool(case.extra["remat"])
-    params = case.state.params
     projections = {f"{target}_proj": target for target in linear_shapes(config)}
 
     def passes(path: tuple[Any, ...]) -> float:
@@ -485,32 +505,50 @@ def minimum_bytes(case: Case) -> dict[str, float]:
             return 0.0 if "lm_head" in params else 2.0
         return 2.0
 
-    weights = trainable = 0.0
-    for (path, leaf), keep in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                  jax.tree.leaves(case.trainer.mask), strict=True):
-        size = float(leaf.size * jnp.dtype(leaf.dtype).itemsize)
-        if keep:
-            trainable += size * (passes(path) + 1.0 + 2.0)  # passes, update; gradient w + r
-        else:
-            weights += size * passes(path)
-    state = trainable + 2.0 * sum(
-        float(leaf.size * jnp.dtype(leaf.dtype).itemsize)
-        for leaf in jax.tree.leaves((case.state.opt_state, case.state.falqon_state)))
+    return passes
 
+
+def _minimum_weight_bytes(case: Case) -> float:
+    """The ``weights`` part of :func:`minimum_bytes`: frozen leaves, in bytes."""
+    passes = _weight_passes(case)
+    weights = 0.0
+    for path, leaf in _params_by_mask(case, trainable=False):
+        weights += _nbytes(leaf) * passes(path)
+    params = case.state.params
+    if "embed_tokens" in params:  # its T rows read (a gather)
+        weights += float(case.tokens) * float(case.llama_config.hidden_size) * float(
+            jnp.dtype(params["embed_tokens"].dtype).itemsize)
+    return weights
+
+
+def _minimum_state_bytes(case: Case) -> float:
+    """The ``state`` part of :func:`minimum_bytes`: trainable leaves (read like weights,
+    written once, their gradient written and read), the optimizer's and FALQON's state
+    (read and written), in bytes."""
+    passes = _weight_passes(case)
+    trainable = 0.0
+    for path, leaf in _params_by_mask(case, trainable=True):
+        trainable += _nbytes(leaf) * (passes(path) + 1.0 + 2.0)  # passes, update; grad w + r
+    return trainable + 2.0 * sum(
+        _nbytes(leaf) for leaf in jax.tree.leaves((case.state.opt_state, case.state.falqon_state)))
+
+
+def _minimum_activation_bytes(case: Case, config: LlamaConfig) -> float:
+    """The ``activations`` part of :func:`minimum_bytes`, in bytes: per layer and token the
+    forward, the recomputation (``remat``), the backward and ``full``'s weight gradients'
+    reads, plus what runs outside the layers."""
+    t = float(case.tokens)
+    c = float(jnp.dtype(case.trainer.config.dtype).itemsize)
     h, f = float(config.hidden_size), float(config.intermediate_size)
     q = float(config.num_heads * config.head_dim)
     qkv = q + 2.0 * config.num_kv_heads * config.head_dim
     layer = 6 * h + 2 * qkv + 2 * q + 4 * f + 8 * h + 6 * f + 3 * q + 3 * qkv
-    if remat:
+    if case.extra["remat"]:
         layer += 4 * h + 2 * qkv + 2 * q + 2 * f
     if case.method == "full":
         layer += 4 * h + qkv + q + 3 * f
     outside = 3 * h + 4 * config.vocab_size
-    activations = t * c * (config.num_layers * layer + outside)
-    if "embed_tokens" in params:  # its T rows read (a gather)
-        weights += t * h * float(jnp.dtype(params["embed_tokens"].dtype).itemsize)
-    return {"weights": weights, "state": state, "activations": activations,
-            "total": weights + state + activations}
+    return t * c * (config.num_layers * layer + outside)
 
 
 # --------------------------------------------------------------------------------------

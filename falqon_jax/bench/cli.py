@@ -175,12 +175,13 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+_METHODS_HELP = (f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; also "
+                 f"{','.join(m for m in METHOD_NAMES if m not in DEFAULT_METHODS)})")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; also "
-        f"{','.join(m for m in METHOD_NAMES if m not in DEFAULT_METHODS)})",
-    )
+    """The flags ``hlo`` and ``speed`` share: methods, linear shapes, the model rows."""
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=_METHODS_HELP)
     parser.add_argument(
         "--shapes", default=None,
         help="comma-separated linear weight shapes OUTxIN, or 'none' "
@@ -220,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{hlo,speed,gpu,accuracy,collectives}")
+    for add_subcommand in (_add_hlo, _add_speed, _add_gpu, _add_accuracy, _add_collectives):
+        add_subcommand(sub)
+    return parser
 
+
+def _add_hlo(sub: argparse._SubParsersAction) -> None:
+    """The ``hlo`` subcommand's flags."""
     hlo_parser = sub.add_parser(
         "hlo", help="compile-only: FP8 casts, GEMMs, memory and cost analysis per method",
         description="Lower and compile one train step per method from abstract shapes "
@@ -238,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hlo_parser.set_defaults(run=run_hlo)
 
+
+def _add_speed(sub: argparse._SubParsersAction) -> None:
+    """The ``speed`` subcommand's flags."""
     speed_parser = sub.add_parser(
         "speed", help="wall-clock per train step, tokens/s and MFU per method",
         description="Time one train step per method on the default device (median after "
@@ -250,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="untimed steps first, including compilation (default 2)")
     speed_parser.set_defaults(run=run_speed)
 
+
+def _add_gpu(sub: argparse._SubParsersAction) -> None:
+    """The ``gpu`` subcommand's flags."""
     gpu_parser = sub.add_parser(
         "gpu", help="compile every train step for a GPU without one: memory, FP8 GEMMs, "
         "copies, roofline bounds",
@@ -263,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--target", default="h100", help="GPU to compile for: h100 (default), h200, a100, l4")
     add("--backends", default="cublaslt,triton",
         help="GEMM back ends, comma-separated: cublaslt, triton (default both)")
-    add("--methods", default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; also "
-        f"{','.join(m for m in METHOD_NAMES if m not in DEFAULT_METHODS)})")
+    add("--methods", default=",".join(DEFAULT_METHODS), help=_METHODS_HELP)
     add("--models", default="llama-7b,llama-13b",
         help="model cards compiled whole (every layer), or 'none' (default llama-7b,llama-13b)")
     add("--shapes", default="4096x4096,11008x4096",
@@ -283,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the rows as a JSON list to FILE")
     gpu_parser.set_defaults(run=run_gpu)
 
+
+def _add_accuracy(sub: argparse._SubParsersAction) -> None:
+    """The ``accuracy`` subcommand's flags."""
     accuracy_parser = sub.add_parser(
         "accuracy", help="held-out loss per method after fine-tuning a pretrained model",
         description="Fine-tune a pretrained LLaMA (default: SmolLM2-135M-Instruct from "
@@ -323,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a bar chart of held-out loss per method (needs matplotlib)")
     accuracy_parser.set_defaults(run=run_accuracy)
 
+
+def _add_collectives(sub: argparse._SubParsersAction) -> None:
+    """The ``collectives`` subcommand's flags."""
     coll = sub.add_parser(
         "collectives", help="collectives per layer of the sharded train step (compile only)",
         description="Compile the train step of a model card over a device mesh (simulated on "
@@ -342,7 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="gradient checkpointing as in training (default on)")
     add("--json", type=Path, default=None, metavar="FILE", help="write the row as JSON")
     coll.set_defaults(run=run_collectives)
-    return parser
 
 
 def _seed_list(text: str, flag: str) -> tuple[int, ...]:
