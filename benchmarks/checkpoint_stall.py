@@ -1,8 +1,8 @@
 """Checkpoint size and save stall of the training loop, before and after checkpoints held
 only what changes and were written asynchronously.
 
-    python bench/checkpoint_stall.py sizes                  # computed from shapes, no weights
-    python bench/checkpoint_stall.py stall --model DIR      # measured: real train steps + saves
+    python benchmarks/checkpoint_stall.py sizes             # computed from shapes, no weights
+    python benchmarks/checkpoint_stall.py stall --model DIR # measured: real train steps + saves
 
 ``sizes`` prints, per method, the bytes of the train state that training changes (written
 with every checkpoint) and of the frozen rest (written once per run), for LLaMA-7B (the

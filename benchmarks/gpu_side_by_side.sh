@@ -4,7 +4,7 @@
 # a hard timeout and the last phase gets only what is left of TOTAL_BUDGET; rows are
 # written as they finish, so a phase cut short still leaves the rows it completed).
 #
-#   bash bench/gpu_side_by_side.sh            # results in $OUT, or ./bench_out if unset
+#   bash benchmarks/gpu_side_by_side.sh       # results in $OUT, or ./bench_out if unset
 #
 # Needs jax (CUDA build), flax and optax; the package is used from the checkout
 # (PYTHONPATH=., no pip install). Phases, in order:
