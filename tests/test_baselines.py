@@ -97,6 +97,26 @@ def _assert_float32_close(got, refs) -> None:
         )
 
 
+def _bf16(v) -> np.ndarray:
+    """``v`` rounded to bfloat16, as float64."""
+    return np.asarray(v, np.float64).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _bf16_reference(x, w, a, b) -> tuple[np.ndarray, np.ndarray]:
+    """A LoRA layer computed in bf16: ``(y, bound)`` float64 ``(tokens, out)``.
+
+    ``y = bf16(x W^T) + bf16(bf16((x A^T) B^T) * s)`` with every operand and ``x A^T``
+    rounded to bf16 (the sum itself is not). Each bf16 rounding is within 2^-9 relative;
+    ``bound`` allows two ulps (2^-7) of the magnitudes involved, which also absorbs an
+    intermediate rounding that lands on the other side.
+    """
+    xb, wb, ab, bb = (_bf16(v) for v in (_tokens(x), w, a, b))
+    ax = _bf16(xb @ ab.T)
+    y = _bf16(xb @ wb.T) + _bf16(_bf16(ax @ bb.T) * SCALING)
+    bound = 2.0**-7 * (np.abs(xb) @ np.abs(wb).T + SCALING * np.abs(ax) @ np.abs(bb).T)
+    return y, bound
+
+
 def test_lora_init():
     d = _data()
     p = lora.init(d["w"], RANK, alpha=ALPHA, key=jax.random.key(0))
@@ -130,16 +150,8 @@ def test_lora_bf16_compute_matches_rounded_reference():
     x = jnp.asarray(d["x"], jnp.bfloat16)
     y = lora.apply(p, x)
     assert y.dtype == jnp.bfloat16 and y.shape == BATCH + (OUT,)
-
-    def bf16(v):
-        return np.asarray(v, np.float64).astype(ml_dtypes.bfloat16).astype(np.float64)
-
-    xb, wb, ab, bb = (bf16(v) for v in (_tokens(d["x"]), d["w"], d["a"], d["b"]))
-    ax = bf16(xb @ ab.T)
-    y_ref = bf16(bf16(xb @ wb.T) + bf16(bf16(ax @ bb.T) * SCALING))
-    # Each bf16 rounding is within 2^-9 relative; allow two ulps (2^-7) of the magnitudes
-    # involved, which also absorbs an intermediate rounding that lands on the other side.
-    bound = 2.0**-7 * (np.abs(xb) @ np.abs(wb).T + SCALING * np.abs(ax) @ np.abs(bb).T)
+    y_ref, bound = _bf16_reference(d["x"], d["w"], d["a"], d["b"])
+    y_ref = _bf16(y_ref)  # the sum rounded too, as the layer's bf16 output is
     _assert_within(np.asarray(y, np.float32).reshape(y_ref.shape), y_ref, bound, "bf16 y")
     # f32 input, bf16 compute: the output comes back in the input's dtype.
     assert lora.apply(p, jnp.asarray(d["x"])).dtype == jnp.float32
@@ -490,14 +502,7 @@ def test_qlora_bf16_forward():
     xb = jnp.asarray(d["x"], jnp.bfloat16)
     y = qlora.apply(p, xb)
     assert y.dtype == jnp.bfloat16 and y.shape == BATCH + (OUT,)
-
-    def bf16(v):
-        return np.asarray(v, np.float64).astype(ml_dtypes.bfloat16).astype(np.float64)
-
-    xt, wb, ab, bb = (bf16(v) for v in (_tokens(d["x"]), _nf4_dequant_ref(p.w), d["a"], d["b"]))
-    ax = bf16(xt @ ab.T)
-    y_ref = bf16(xt @ wb.T) + bf16(bf16(ax @ bb.T) * SCALING)
-    bound = 2.0**-7 * (np.abs(xt) @ np.abs(wb).T + SCALING * np.abs(ax) @ np.abs(bb).T)
+    y_ref, bound = _bf16_reference(d["x"], _nf4_dequant_ref(p.w), d["a"], d["b"])
     _assert_within(np.asarray(y, np.float32).reshape(y_ref.shape), y_ref, bound, "bf16 y")
 
 
