@@ -422,7 +422,7 @@ def minimum_fp8_flops(method: str, config: LlamaConfig, tokens: int, rank: int,
             continue
         o, i = float(out), float(in_features)
         recompute = remat and target in OUTPUT_READ_BY_BACKWARD
-        if method.startswith("falqon"):
+        if methods.get(registry_name(method)).melded:
             rows = o + r if _live_b(method) else o  # of dL/dx and the recomputation
             total += 2 * t * (o + r) * i + 2 * t * rows * i + 2 * t * o * r
             total += 2 * t * rows * i if recompute else 0.0

@@ -43,7 +43,9 @@ from falqon_jax.bench.cases import (
     minimum_bytes,
     minimum_fp8_flops,
     model_case,
+    registry_name,
 )
+from falqon_jax.model import methods
 
 GIB = targets.GIB
 FITS_GIB = 24.0
@@ -119,7 +121,7 @@ def program_row(case: Case, compiled: Any, target: targets.Target, backend: str,
         least = minimum_bytes(case)
         row["gb_minimum"] = {part: round(b / 1e9, 1) for part, b in least.items()}
         row["bytes_over_minimum"] = bound.bytes / least["total"]
-    if case.kind == "model" and (case.method.startswith("falqon") or case.method == "fp8_lora"):
+    if case.kind == "model" and methods.get(registry_name(case.method)).fp8:
         minimum = minimum_fp8_flops(case.method, case.llama_config, case.tokens,
                                     case.extra["rank"], case.extra["remat"])
         row["fp8_tflop_minimum"] = minimum / 1e12
