@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -75,3 +75,19 @@ def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(before)
+
+
+def one_line_errors(run: Callable[[], int],
+                    codes: Sequence[tuple[type[Exception] | tuple[type[Exception], ...], int]]
+                    ) -> int:
+    """``run()``'s exit code; an error listed in ``codes`` (``(error types, exit code)``
+    pairs, first match wins) prints as one ``error:`` line on stderr and returns its code.
+    Anything else propagates (a bug, with its traceback)."""
+    try:
+        return run()
+    except Exception as err:
+        for types, code in codes:
+            if isinstance(err, types):
+                print(f"error: {err}", file=sys.stderr)
+                return code
+        raise

@@ -27,7 +27,7 @@ import sys
 import warnings
 from typing import Any
 
-from falqon_jax.cli import OneLineParser
+from falqon_jax.cli import OneLineParser, one_line_errors
 from falqon_jax.model.loading import LoadError
 from falqon_jax.sources import Loaded
 from falqon_jax.train.data import leading_bos
@@ -80,14 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from falqon_jax.train.run import EXIT_CHECKPOINT
 
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, LoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT
+    return one_line_errors(lambda: run(args), [((UsageError, LoadError), 2),
+                                               (CheckpointError, EXIT_CHECKPOINT)])
 
 
 def _parse_ids(text: str) -> list[int]:

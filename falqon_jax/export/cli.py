@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from falqon_jax.cli import OneLineParser
+from falqon_jax.cli import OneLineParser, one_line_errors
 from falqon_jax.export.layout import DTYPES, FORMATS, TOKENIZER_FILES, ExportError
 from falqon_jax.export.writer import check_out, export_model
 from falqon_jax.model.loading import LoadError
@@ -52,14 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from falqon_jax.train.run import EXIT_CHECKPOINT
 
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ExportError, LoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CHECKPOINT
+    return one_line_errors(lambda: _run(args), [((ExportError, LoadError), 2),
+                                                (CheckpointError, EXIT_CHECKPOINT)])
 
 
 _KIND_NAMES = {"run": "training run", "checkpoint": "run checkpoint",
