@@ -144,7 +144,7 @@ def test_a_text_record_gets_a_bos_only_where_the_tokenizer_adds_one():
     from transformers import AutoTokenizer
 
     from falqon_jax.train.config import DEMO
-    from falqon_jax.train.run import prompt_tokens
+    from falqon_jax.train.samples import prompt_tokens
 
     smollm2 = AutoTokenizer.from_pretrained(SMOLLM2)  # names <|im_start|> as BOS, adds none
     llama = AutoTokenizer.from_pretrained(LLAMA_TOKENIZER, add_bos_token=True)  # adds <s>

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from falqon_jax.train.config import PAPER
-from falqon_jax.train.run import UserError, load_tokenizer, main
+from falqon_jax.train.prepare import load_tokenizer
+from falqon_jax.train.run import UserError, main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama"

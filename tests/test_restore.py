@@ -46,18 +46,19 @@ def assert_bit_equal(got: dict[str, Any], want: dict[str, Any]) -> None:
 def train(out: Path, *flags: str) -> dict[str, Any]:
     """Train the demo (tiny card) into ``out``, saving steps 1 and 2; returns the params
     the run's model had at its end (host copies, nested dicts of path names)."""
-    import falqon_jax.train.run as run_module
+    import falqon_jax.train.loop as loop_module
+    from falqon_jax.train.run import main
 
     ended: dict[str, Any] = {}
-    report = run_module.report_samples
+    report = loop_module.report_samples
 
     def keep(prep: Any, model: Any, *args: Any, **kwargs: Any) -> None:
         ended.update(as_dicts(jax.tree.map(np.array, model.params)))
         report(prep, model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "report_samples", keep)
-        assert run_module.main([*FLAGS, *flags, "--out", str(out)]) == 0
+        patch.setattr(loop_module, "report_samples", keep)  # looked up there at the run's end
+        assert main([*FLAGS, *flags, "--out", str(out)]) == 0
     assert ended
     return ended
 

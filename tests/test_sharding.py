@@ -20,7 +20,8 @@ SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 from pathlib import Path
-from falqon_jax.train.run import main, build_mesh
+from falqon_jax.train.loop import build_mesh
+from falqon_jax.train.run import main
 from falqon_jax.train.runs import load_run
 from falqon_jax.train.config import resolve
 

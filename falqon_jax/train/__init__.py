@@ -11,7 +11,13 @@
   asynchronously, with fingerprints (:mod:`~falqon_jax.train.fingerprint`);
 * :mod:`~falqon_jax.train.stopping` -- Ctrl-C, SIGTERM and ``--max-time``: save and exit;
 * :mod:`~falqon_jax.train.grad_init` -- ``--init-a grad`` (A from loss gradients);
-* :mod:`~falqon_jax.train.run` -- one run end to end (:func:`finetune`, :func:`main`);
+* :mod:`~falqon_jax.train.run` -- one run end to end (:func:`finetune`, :func:`main`): the
+  command line, ``--resume`` and ``--plan``; a run's parts are
+  :mod:`~falqon_jax.train.outdir` (what may be written to ``--out``, atomic writes),
+  :mod:`~falqon_jax.train.prepare` (examples, tokenizer and model, checked),
+  :mod:`~falqon_jax.train.loop` (the training loop and its four early exits),
+  :mod:`~falqon_jax.train.samples` (held-out loss and a sample at the end) and
+  :mod:`~falqon_jax.train.outcome` (exit codes, :class:`RunResult`, :class:`UserError`);
 * :mod:`~falqon_jax.train.runs` -- reading a finished run's model back.
 
 ``python -m falqon_jax.train --help`` lists the flags. In Python::
