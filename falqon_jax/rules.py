@@ -47,6 +47,11 @@ class Rule:
     clears_all: bool = False
 
     @property
+    def uses_top_k(self) -> bool:
+        """``top_k`` (``--top-k``) sets how many rows it merges per matrix per step."""
+        return self.merges_into_w8 and not self.k_is_rank
+
+    @property
     def proxy_buffer(self) -> bool:
         """Updates accumulate in a float32 buffer per melded matrix (``b`` is not live)."""
         return not self.live_b

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for a mistake, 74 for a run's
     checkpoint or ``OUT/frozen`` that cannot be read or differs from its fingerprint)."""
     from falqon_jax.train.checkpoints import CheckpointError
-    from falqon_jax.train.run import EXIT_CHECKPOINT
+    from falqon_jax.train.outcome import EXIT_CHECKPOINT
 
     args = build_parser().parse_args(argv)
     return one_line_errors(lambda: _run(args), [((ExportError, LoadError), 2),

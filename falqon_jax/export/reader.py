@@ -161,7 +161,7 @@ def load_fp8_export(
     params = _read_params(reader, config, prefixes, kinds, rank, alpha, jdtype,
                           jax.random.key(seed))
     reader.adapter.check_all_used({name for t, names in prefixes.items()
-                                   if kinds[t] == "falqon" for name in names})
+                                   if methods.get(kinds[t]).melded for name in names})
     plan = LinearPlan(**kinds, rank=rank, alpha=alpha, train_base=False)
     module = Llama(config, plan, jdtype)
     if jax.tree.structure(params) != jax.tree.structure(abstract_params(module)):
@@ -194,7 +194,7 @@ def _layer_rank(directory: Path, reader: _Fp8Reader, prefixes: dict[str, list[st
                 kinds: dict[str, str], rank: int | None) -> int:
     """The FALQON layers' one ``A`` rank; without any, ``rank`` (default 16) capped at the
     smallest dimension of the FP8 layers that get a fresh ``fp8_lora`` adapter."""
-    a_ranks = {reader.a_rank(name) for t, names in prefixes.items() if kinds[t] == "falqon"
+    a_ranks = {reader.a_rank(name) for t, names in prefixes.items() if methods.get(kinds[t]).melded
                for name in names}
     if len(a_ranks) > 1:
         raise LoadError(f"{directory}: falqon_a ranks differ between layers: {sorted(a_ranks)}")
@@ -340,7 +340,7 @@ class _Fp8Reader:
                                 "(FALQON) layers can carry one")
             return "frozen"
         falqon = f"{prefix}.falqon_a" in self.extras or self.adapter.has(prefix)
-        return "falqon" if falqon else "fp8_lora"
+        return methods.FALQON.name if falqon else "fp8_lora"
 
     def shape(self, prefix: str) -> tuple[int, ...]:
         """Shape of ``prefix``'s FP8 weight."""
@@ -403,7 +403,7 @@ class _Fp8Reader:
             raise LoadError(f"{prefix}.weight is {w8.dtype}, expected float8_e4m3fn")
         scale = store.get(f"{prefix}.weight_scale").astype(np.float32).reshape(())
         out_f, in_f = w8.shape
-        if kind == "falqon":
+        if methods.get(kind).melded:
             rows = self.falqon_rows(prefix, scale, in_f)
             return melded.MeldedLinear(
                 w8=jnp.asarray(np.concatenate([w8, rows], axis=0)), scale=jnp.asarray(scale),

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from falqon_jax import sharding
+from falqon_jax.model.methods import training_method
 from falqon_jax.train import state_parts
 from falqon_jax.train.checkpoints import (
     CheckpointError,
@@ -165,7 +166,7 @@ def set_up(config: TrainConfig, prep: Prepared, mesh: Any, resume: bool) -> tupl
     def forward(params, tokens, attention):
         return model.module.apply({"params": params}, tokens, attention)
 
-    if config.method == "falqon" and config.init_a == "grad" and not resume:
+    if training_method(config).melded and config.init_a == "grad" and not resume:
         model.params = gradient_aligned_params(config, prep, pad_id)
     trainer = Trainer(config, forward, model.trainable(), mesh)
     state = trainer.init_state(model.params)

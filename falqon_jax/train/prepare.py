@@ -14,11 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from falqon_jax import rules
 from falqon_jax.melded import is_melded, lora_row_norm
 from falqon_jax.model.attention import choose
 from falqon_jax.model.config import LlamaConfig, load_card
 from falqon_jax.model.loading import load_model
-from falqon_jax.model.methods import linear_method
+from falqon_jax.model.methods import linear_method, training_method
 from falqon_jax.model.resolve import (
     classify,
     model_directory,
@@ -227,9 +228,9 @@ def check_model_limits(config: TrainConfig, model: Any, tokenizer: Any) -> None:
             "pass the checkpoint's own tokenizer with --tokenizer"
         )
     melded = [leaf for leaf in jax.tree.leaves(model.params, is_leaf=is_melded) if is_melded(leaf)]
-    if config.method == "falqon" and not melded:
+    if training_method(config).melded and not melded:
         raise UserError("no layer of this model could be converted to FALQON (dims % 16 != 0)")
-    if melded and config.rule in ("paper", "visible_merge"):
+    if melded and rules.get(config.rule).uses_top_k:
         smallest = min(leaf.out for leaf in melded)
         if config.top_k > smallest:
             raise UserError(
