@@ -42,7 +42,8 @@ outside the scan (``lm_head``, the loss, the optimizer and FALQON's merges). The
 ``model_flops`` (:func:`falqon_jax.bench.cases.model_flops`) covers the whole step.
 
 Modules: :mod:`~falqon_jax.bench.cases` (settings, methods, the benchmarked steps, analytic
-FLOPs), :mod:`~falqon_jax.bench.hlo` (counting compiled programs; ``hlo`` rows),
+FLOPs), :mod:`~falqon_jax.bench.hlo` (compiling the steps and counting them through
+:mod:`falqon_jax.gpu_program`, the one HLO reader; ``hlo`` rows),
 :mod:`~falqon_jax.bench.speed` (``speed`` rows, device peaks), :mod:`~falqon_jax.bench.accuracy`
 (the fine-tuning study), :mod:`~falqon_jax.bench.collectives` (collectives of the sharded
 train step), :mod:`~falqon_jax.bench.toy` (the toy MLP problem of ``python -m
