@@ -58,6 +58,17 @@ class StudyError(ValueError):
     """A bad setting or a failed run; reported in one line."""
 
 
+# Every run's training settings, the same for every method: the paper's (PAPER) but for
+# these; the command line may replace steps, lr, rank, batch_size, source_len, target_len
+# and eval_size. FALQON's top-k is StudySettings.top_k: only FALQON's variants set it.
+STUDY = dataclasses.replace(
+    PAPER, steps=40, lr=2e-3, rank=16, batch_size=8, source_len=48, target_len=64,
+    eval_size=100, dtype="float32", grad_accum=1, remat=False, alpha=16.0, targets=TARGETS,
+    weight_decay=0.0, beta2=0.999, max_grad_norm=3.0, keep_checkpoints=1, sample_tokens=0,
+    schedule="constant", warmup_ratio=0.03)
+TRAIN_FLAGS = ("steps", "lr", "rank", "batch_size", "source_len", "target_len", "eval_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
     """Everything the study needs (see ``python -m falqon_jax.bench accuracy --help``)."""
@@ -70,14 +81,8 @@ class StudySettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     ablation_seeds: tuple[int, ...] = (0, 1, 2)
     ablations: bool = True
-    steps: int = 40
-    lr: float = 2e-3
-    rank: int = 16
     top_k: int = 10
-    batch_size: int = 8
-    source_len: int = 48
-    target_len: int = 64
-    eval_size: int = 100
+    train: TrainConfig = STUDY  # every run's settings (TRAIN_FLAGS from the command line)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,35 +171,24 @@ def prepare_smollm2(cache: Path = CACHE, gguf: Path = SMOLLM2_GGUF) -> Path:
 # The settings of the runs.
 
 
-def _common(settings: StudySettings, model: Path) -> dict[str, Any]:
-    s = settings
-    return {
-        "model": str(model), "tokenizer": s.tokenizer, "eval_size": s.eval_size,
-        "source_len": s.source_len, "target_len": s.target_len, "dtype": "float32",
-        "batch_size": s.batch_size, "grad_accum": 1, "remat": False, "rank": s.rank,
-        "alpha": 16.0, "targets": TARGETS, "weight_decay": 0.0, "beta2": 0.999,
-        "max_grad_norm": 3.0, "keep_checkpoints": 1, "sample_tokens": 0,
-        "schedule": "constant", "warmup_ratio": 0.03,
-    }
-
-
 def base_config(settings: StudySettings, model: Path, data: Path, out: Path) -> TrainConfig:
     """The base's held-out loss through the same pipeline: LoRA (``B = 0``), one step at a
     learning rate of 1e-30, so the weights it evaluates are the base's."""
     return dataclasses.replace(
-        PAPER, **_common(settings, model), method="lora", data=str(data), seed=0, lr=1e-30,
-        steps=1, eval_every=1, log_every=1, save_every=1, out=str(out))
+        settings.train, model=str(model), tokenizer=settings.tokenizer, method="lora",
+        data=str(data), seed=0, lr=1e-30, steps=1, eval_every=1, log_every=1, save_every=1,
+        out=str(out))
 
 
 def finetune_config(settings: StudySettings, model: Path, variant: Variant, seed: int,
                     data: Path, out: Path) -> TrainConfig:
     """One fine-tune: constant learning rate after 3% warm-up, the same for every method;
     FALQON's rule and options from ``variant``."""
-    s = settings
+    train = settings.train
     return dataclasses.replace(
-        PAPER, **_common(s, model), method=variant.method, data=str(data), seed=seed,
-        lr=s.lr, steps=s.steps, eval_every=s.steps, log_every=5, save_every=s.steps,
-        out=str(out), **dict(variant.falqon))
+        train, model=str(model), tokenizer=settings.tokenizer, method=variant.method,
+        data=str(data), seed=seed, eval_every=train.steps, log_every=5,
+        save_every=train.steps, out=str(out), **dict(variant.falqon))
 
 
 # --------------------------------------------------------------------------------------
@@ -336,16 +330,17 @@ def run_study(
     base_loss, base_s = train_run(base_config(s, model, s.data, s.out / "base"),
                                   logs / "base.log")
     say(f"base: {model.name}, held-out loss {base_loss:.4f} ({base_s:.0f} s)")
-    common = {"model": model.name, "steps": s.steps, "lr": s.lr, "rank": s.rank,
-              "batch_size": s.batch_size, "source_len": s.source_len,
-              "target_len": s.target_len, "base_eval_loss": base_loss,
+    common = {"model": model.name, "steps": s.train.steps, "lr": s.train.lr,
+              "rank": s.train.rank, "batch_size": s.train.batch_size,
+              "source_len": s.train.source_len, "target_len": s.train.target_len,
+              "base_eval_loss": base_loss,
               "date": datetime.date.today().isoformat()}
     rows: list[dict[str, Any]] = []
     for variant in variants(s):
         seeds = s.ablation_seeds if variant.ablation else s.seeds
         losses, wall = [], 0.0
         for seed in seeds:
-            data = write_seed_data(s.data, s.eval_size, seed, s.out / "data")
+            data = write_seed_data(s.data, s.train.eval_size, seed, s.out / "data")
             label = "".join(c if c.isalnum() or c in "-_" else "_" for c in variant.name)
             out = s.out / "runs" / f"{label}-seed{seed}"
             loss, seconds = train_run(finetune_config(s, model, variant, seed, data, out),

@@ -77,21 +77,15 @@ SMALL_PRESET = Preset(((256, 256),), 512, 16, "tiny", 2, 2, 256)
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything one benchmark run needs (flags merged with the preset).
+class Settings(Preset):
+    """Everything one benchmark run needs: the sizes of a :class:`Preset` (flags merged
+    with the preset) and what no preset sets.
 
     ``shapes`` are linear-layer weight shapes ``(out, in)``; ``model_card`` is ``None``
     when no model rows are wanted; ``model_layers`` 0 keeps the card's layer count.
     """
 
     methods: tuple[str, ...]
-    shapes: tuple[tuple[int, int], ...]
-    tokens: int
-    rank: int
-    model_card: str | None
-    model_layers: int
-    batch: int
-    seq: int
     top_k: int
     remat: bool
     seed: int

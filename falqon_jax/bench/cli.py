@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +208,48 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true",
                         help="small preset for CPUs: 256x256, 512 tokens, rank 16, tiny model")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (speed)")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
-                        help="write the rows as a JSON list to FILE")
+    _add_json(parser.add_argument)
+
+
+def _add_json(add: Callable[..., argparse.Action],
+              help: str = "write the rows as a JSON list to FILE") -> None:
+    """``--json FILE``, every subcommand's: where its rows go (``None``: nowhere)."""
+    add("--json", type=Path, default=None, metavar="FILE", help=help)
+
+
+def _add_remat(add: Callable[..., argparse.Action], when: str) -> None:
+    """``--remat/--no-remat`` of the subcommands that compile whole models: gradient
+    checkpointing, on unless ``--no-remat``; ``when`` ends its help."""
+    add("--remat", action=argparse.BooleanOptionalAction, default=True,
+        help=f"gradient checkpointing {when}")
+
+
+# Each subcommand's line in the main --help page and the description atop its own.
+_ABOUT: dict[str, tuple[str, str]] = {
+    "hlo": ("compile-only: FP8 casts, GEMMs, memory and cost analysis per method",
+            "Lower and compile one train step per method from abstract shapes "
+            "(nothing is executed) and count FP8 casts, GEMMs, memory and FLOPs."),
+    "speed": ("wall-clock per train step, tokens/s and MFU per method",
+              "Time one train step per method on the default device (median after "
+              "warm-up). On a CPU the numbers are not indicative of FP8 speed."),
+    "gpu": ("compile every train step for a GPU without one: memory, FP8 GEMMs, "
+            "copies, roofline bounds",
+            "Compile the train step of every method for a compile-only GPU (default an H100 "
+            "SXM; needs the h100 extra, no GPU) on both GEMM back ends, for linear layers and "
+            "whole models at the paper's settings, and report peak memory, GEMMs by "
+            "precision, widened FP8 operands, FP8 copies and roofline lower bounds "
+            "(see falqon_jax.bench.gpu)."),
+    "accuracy": ("held-out loss per method after fine-tuning a pretrained model",
+                 "Fine-tune a pretrained LLaMA (default: SmolLM2-135M-Instruct from ../shared, "
+                 "converted into ~/.cache/falqon-jax) with every method and seed (same steps, "
+                 "rank, lr, batches, held-out split) and with FALQON's other update rules; "
+                 "report the held-out loss, the fraction of LoRA's improvement each recovers "
+                 "and wall time. See falqon_jax.bench.accuracy."),
+    "collectives": ("collectives per layer of the sharded train step (compile only)",
+                    "Compile the train step of a model card over a device mesh (simulated on "
+                    "a CPU; abstract weights) and count its collectives per decoder layer, as "
+                    "the SPMD partitioner emits them and as the backend compiles them."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,58 +261,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{hlo,speed,gpu,accuracy,collectives}")
-    for add_subcommand in (_add_hlo, _add_speed, _add_gpu, _add_accuracy, _add_collectives):
-        add_subcommand(sub)
+    for name, run, add_flags in (("hlo", run_hlo, _add_hlo), ("speed", run_speed, _add_speed),
+                                 ("gpu", run_gpu, _add_gpu),
+                                 ("accuracy", run_accuracy, _add_accuracy),
+                                 ("collectives", run_collectives, _add_collectives)):
+        help, description = _ABOUT[name]
+        command = sub.add_parser(name, help=help, description=description)
+        command.set_defaults(run=run)
+        add_flags(command)
     return parser
 
 
-def _add_hlo(sub: argparse._SubParsersAction) -> None:
-    """The ``hlo`` subcommand's flags."""
-    hlo_parser = sub.add_parser(
-        "hlo", help="compile-only: FP8 casts, GEMMs, memory and cost analysis per method",
-        description="Lower and compile one train step per method from abstract shapes "
-        "(nothing is executed) and count FP8 casts, GEMMs, memory and FLOPs.",
-    )
-    _add_common(hlo_parser)
-    hlo_parser.add_argument(
+def _add_hlo(parser: argparse.ArgumentParser) -> None:
+    """The ``hlo`` subcommand's flags: the preset's (:func:`_add_common`) and its own."""
+    _add_common(parser)
+    parser.add_argument(
         "--large-elements", type=_int, default=None,
         help="casts of tensors with at least this many elements count as large "
         "(default 2 * tokens * max(rank, 16))",
     )
-    hlo_parser.add_argument(
+    parser.add_argument(
         "--dump-hlo", type=Path, default=None, metavar="DIR",
         help="write each case's lowered StableHLO and optimized HLO text into DIR",
     )
-    hlo_parser.set_defaults(run=run_hlo)
 
 
-def _add_speed(sub: argparse._SubParsersAction) -> None:
-    """The ``speed`` subcommand's flags."""
-    speed_parser = sub.add_parser(
-        "speed", help="wall-clock per train step, tokens/s and MFU per method",
-        description="Time one train step per method on the default device (median after "
-        "warm-up). On a CPU the numbers are not indicative of FP8 speed.",
-    )
-    _add_common(speed_parser)
-    speed_parser.add_argument("--repeats", type=_int, default=5,
-                              help="timed steps; the median is reported (default 5)")
-    speed_parser.add_argument("--warmup", type=_int, default=2,
-                              help="untimed steps first, including compilation (default 2)")
-    speed_parser.set_defaults(run=run_speed)
+def _add_speed(parser: argparse.ArgumentParser) -> None:
+    """The ``speed`` subcommand's flags: the preset's (:func:`_add_common`) and its own."""
+    _add_common(parser)
+    parser.add_argument("--repeats", type=_int, default=5,
+                        help="timed steps; the median is reported (default 5)")
+    parser.add_argument("--warmup", type=_int, default=2,
+                        help="untimed steps first, including compilation (default 2)")
 
 
-def _add_gpu(sub: argparse._SubParsersAction) -> None:
+def _add_gpu(parser: argparse.ArgumentParser) -> None:
     """The ``gpu`` subcommand's flags."""
-    gpu_parser = sub.add_parser(
-        "gpu", help="compile every train step for a GPU without one: memory, FP8 GEMMs, "
-        "copies, roofline bounds",
-        description="Compile the train step of every method for a compile-only GPU (default "
-        "an H100 SXM; needs the h100 extra, no GPU) on both GEMM back ends, for "
-        "linear layers and whole models at the paper's settings, and report peak memory, "
-        "GEMMs by precision, widened FP8 operands, FP8 copies and roofline lower bounds "
-        "(see falqon_jax.bench.gpu).",
-    )
-    add = gpu_parser.add_argument
+    add = parser.add_argument
     add("--target", default="h100", help="GPU to compile for: h100 (default), h200, a100, l4")
     add("--backends", default="cublaslt,triton",
         help="GEMM back ends, comma-separated: cublaslt, triton (default both)")
@@ -286,26 +311,15 @@ def _add_gpu(sub: argparse._SubParsersAction) -> None:
     add("--batch", type=_int, default=16, help="model batch (default 16, the paper's)")
     add("--seq", type=_int, default=512, help="model sequence length (default 512)")
     add("--top-k", type=_int, default=10, help="FALQON's top-k (merging rules; default 10)")
-    add("--remat", action=argparse.BooleanOptionalAction, default=True,
-        help="gradient checkpointing in the models (default on, the paper's)")
+    _add_remat(add, "in the models (default on, the paper's)")
     add("--fsdp", type=_int, default=8,
         help="also compile the models' FSDP step over N GPUs of one node (default 8; 0: off)")
-    add("--json", type=Path, default=None, metavar="FILE",
-        help="write the rows as a JSON list to FILE")
-    gpu_parser.set_defaults(run=run_gpu)
+    _add_json(add)
 
 
-def _add_accuracy(sub: argparse._SubParsersAction) -> None:
+def _add_accuracy(parser: argparse.ArgumentParser) -> None:
     """The ``accuracy`` subcommand's flags."""
-    accuracy_parser = sub.add_parser(
-        "accuracy", help="held-out loss per method after fine-tuning a pretrained model",
-        description="Fine-tune a pretrained LLaMA (default: SmolLM2-135M-Instruct from "
-        "../shared, converted into ~/.cache/falqon-jax) with every method and seed (same "
-        "steps, rank, lr, batches, held-out split) and with FALQON's other update rules; "
-        "report the held-out loss, the fraction of LoRA's improvement each recovers and "
-        "wall time. See falqon_jax.bench.accuracy.",
-    )
-    add = accuracy_parser.add_argument
+    add = parser.add_argument
     add("--data", type=Path, required=True, help="Alpaca JSON / JSONL instruction data")
     add("--model", type=Path, default=None,
         help="Hugging Face LLaMA directory (default: SmolLM2-135M-Instruct, converted once)")
@@ -331,22 +345,14 @@ def _add_accuracy(sub: argparse._SubParsersAction) -> None:
     add("--quick", action="store_true",
         help="smoke test: 2 fine-tuning steps, seed 0, falqon and lora, no ablations "
         "(explicit flags still win)")
-    add("--json", type=Path, default=None, metavar="FILE",
-        help="write the rows as a JSON list (rewritten after every method)")
+    _add_json(add, "write the rows as a JSON list (rewritten after every method)")
     add("--plot", type=Path, default=None, metavar="PNG",
         help="write a bar chart of held-out loss per method (needs matplotlib)")
-    accuracy_parser.set_defaults(run=run_accuracy)
 
 
-def _add_collectives(sub: argparse._SubParsersAction) -> None:
+def _add_collectives(parser: argparse.ArgumentParser) -> None:
     """The ``collectives`` subcommand's flags."""
-    coll = sub.add_parser(
-        "collectives", help="collectives per layer of the sharded train step (compile only)",
-        description="Compile the train step of a model card over a device mesh (simulated on "
-        "a CPU; abstract weights) and count its collectives per decoder layer, as the SPMD "
-        "partitioner emits them and as the backend compiles them.",
-    )
-    add = coll.add_argument
+    add = parser.add_argument
     add("--model", default="tiny", help="model card (default tiny)")
     add("--method", default="falqon", choices=TRAIN_METHODS,
         help="method (default falqon, its default rule)")
@@ -355,10 +361,8 @@ def _add_collectives(sub: argparse._SubParsersAction) -> None:
     add("--batch-size", type=_int, default=16, help="rows per step (default 16)")
     add("--seq", type=_int, default=64, help="tokens per row (default 64)")
     add("--grad-accum", type=_int, default=1, help="micro-batches per step (default 1)")
-    add("--remat", action=argparse.BooleanOptionalAction, default=True,
-        help="gradient checkpointing as in training (default on)")
-    add("--json", type=Path, default=None, metavar="FILE", help="write the row as JSON")
-    coll.set_defaults(run=run_collectives)
+    _add_remat(add, "as in training (default on)")
+    _add_json(add, "write the row as JSON")
 
 
 def _seed_list(text: str, flag: str) -> tuple[int, ...]:
@@ -375,7 +379,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     """The ``accuracy`` subcommand: see :mod:`falqon_jax.bench.accuracy`."""
     from falqon_jax.bench import accuracy
 
-    quick = {"steps": 2, "seeds": (0,), "ablation_seeds": (0,),
+    quick = {"seeds": (0,), "ablation_seeds": (0,),
              "methods": ("falqon", "lora"), "ablations": False} if args.quick else {}
     values: dict[str, Any] = {"data": args.data, "out": args.out, "model": args.model,
                               "tokenizer": args.tokenizer, **quick}
@@ -386,16 +390,20 @@ def run_accuracy(args: argparse.Namespace) -> int:
     values.setdefault("ablation_seeds", values.get("seeds", (0, 1, 2)))
     if args.ablation_seeds is not None:
         values["ablation_seeds"] = _seed_list(args.ablation_seeds, "--ablation-seeds")
-    for name in ("ablations", "steps", "lr", "rank", "top_k", "batch_size", "source_len",
-                 "target_len", "eval_size"):
+    for name in ("ablations", "top_k"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    settings = accuracy.StudySettings(**values)
+    train = ({"steps": 2} if args.quick else {}) | {
+        name: getattr(args, name) for name in accuracy.TRAIN_FLAGS
+        if getattr(args, name) is not None}
+    settings = accuracy.StudySettings(**values,
+                                      train=dataclasses.replace(accuracy.STUDY, **train))
     for name in ("steps", "rank", "top_k", "batch_size", "source_len", "target_len",
                  "eval_size"):
-        if getattr(settings, name) <= 0:
-            flag = "--" + name.replace("_", "-")
-            raise BenchError(f"{flag} must be a positive integer, got {getattr(settings, name)}")
+        value = settings.top_k if name == "top_k" else getattr(settings.train, name)
+        if value <= 0:
+            raise BenchError(f"--{name.replace('_', '-')} must be a positive integer, "
+                             f"got {value}")
     env = environment()
 
     def on_row(rows: list[dict[str, Any]]) -> None:
