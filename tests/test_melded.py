@@ -156,13 +156,21 @@ def test_live_b_forward_in_bfloat16_rounds_each_term_once():
     assert np.abs(ax_ref @ b.T).max() > 1e-2  # b is live: the bound is not vacuous for it
 
 
-def test_backward_matches_reference_and_freezes_w8():
-    p = _layer(1)
-    rng = np.random.default_rng(7)
+def _vjp(p, seed):
+    """``melded.apply`` of layer ``p`` on a random float32 ``x [TOKENS, IN]`` and its
+    backward from a random float32 ``g [TOKENS, OUT]`` (both from ``seed``):
+    ``(x, g, y [TOKENS, OUT], dp (the layer's cotangent), dx [TOKENS, IN])``."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((TOKENS, IN)).astype(np.float32)
     g = rng.standard_normal((TOKENS, OUT)).astype(np.float32)
     y, vjp = jax.vjp(melded.apply, p, jnp.asarray(x))
     dp, dx = vjp(jnp.asarray(g))
+    return x, g, y, dp, dx
+
+
+def test_backward_matches_reference_and_freezes_w8():
+    p = _layer(1)
+    x, g, y, dp, dx = _vjp(p, 7)
     # The backward is a function of the saved ``A x`` and g; the reference takes the layer's
     # own ``ax`` and checks it against the float64 forward first.
     (_,), (ax,) = melded._forward((p,), jnp.asarray(x))
@@ -241,11 +249,7 @@ def test_live_b_forward_and_backward_match_reference():
     reference from the layer's own ``A x``, worst-case float32 summation bounds; ``g b``
     may round to the E5M2 neighbour on the other side (float32 against float64 sums)."""
     p = _live_layer(3)
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((TOKENS, IN)).astype(np.float32)
-    g = rng.standard_normal((TOKENS, OUT)).astype(np.float32)
-    y, vjp = jax.vjp(melded.apply, p, jnp.asarray(x))
-    dp, dx = vjp(jnp.asarray(g))
+    x, g, y, dp, dx = _vjp(p, 11)
     w8, scale, b = np.asarray(p.w8), float(p.scale), np.asarray(p.b, np.float64)
     y_ref, ax_ref, x8, sx = ref.melded_forward(w8, np.float32(scale), OUT, x)
     (_,), (ax,) = melded._forward((p,), jnp.asarray(x))

@@ -51,18 +51,26 @@ def test_visible_applies_the_update_to_b_and_leaves_w8_alone():
     assert int(state.count) == 3
 
 
-def test_reference_rule_is_k_rank_and_whole_buffer_cleared():
-    params = _params(22)
-    tx = falqon_update(3, rule="reference")  # the authors' code ignores top_k and reset
+def _steps_beside_reference(params, tx, model, seed):
+    """Three steps of ``tx`` on random updates (``seed``), each followed by the same step of
+    ``model`` (the float64 reference of the ``stack`` layer) and a check that the FP8
+    ``w8`` merged like the reference's; yields the optimizer state after each step."""
     state = tx.init(params)
-    model = ref.FalqonReference(np.asarray(params["stack"].w8), OUT, RANK, "all")
     step = _stepper(tx)
-    rng = np.random.default_rng(23)
+    rng = np.random.default_rng(seed)
     for _ in range(3):
         incoming = _fake_updates(params, rng)
         params, state = step(params, state, incoming)
         model.step(np.asarray(incoming["stack"].b))
         _assert_merged_like_reference(params["stack"].w8, model.w8)
+        yield state
+
+
+def test_reference_rule_is_k_rank_and_whole_buffer_cleared():
+    params = _params(22)
+    tx = falqon_update(3, rule="reference")  # the authors' code ignores top_k and reset
+    model = ref.FalqonReference(np.asarray(params["stack"].w8), OUT, RANK, "all")
+    for state in _steps_beside_reference(params, tx, model, 23):
         assert not np.any(np.asarray(state.buffers["stack"]))
 
 
@@ -70,15 +78,8 @@ def test_reference_rule_is_k_rank_and_whole_buffer_cleared():
 def test_feedback_keeps_the_rounding_residual_in_the_buffer(reset):
     params = _params(24)
     tx = falqon_update(4, rule="paper", reset=reset, rounding="feedback")
-    state = tx.init(params)
     model = ref.FalqonReference(np.asarray(params["stack"].w8), OUT, 4, reset, feedback=True)
-    step = _stepper(tx)
-    rng = np.random.default_rng(25)
-    for _ in range(3):
-        incoming = _fake_updates(params, rng)
-        params, state = step(params, state, incoming)
-        model.step(np.asarray(incoming["stack"].b))
-        _assert_merged_like_reference(params["stack"].w8, model.w8)
+    for state in _steps_beside_reference(params, tx, model, 25):
         got = np.asarray(state.buffers["stack"], np.float64)
         # float32 solve of a 16 x 16 Gram system vs float64 least squares
         np.testing.assert_allclose(got, model.buf, rtol=1e-3, atol=1e-4 * np.abs(model.buf).max())
