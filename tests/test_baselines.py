@@ -144,19 +144,6 @@ def test_lora_float32_forward_and_grads():
     assert not np.any(np.asarray(dp.w))  # the frozen backbone gets no gradient
 
 
-def test_lora_bf16_compute_matches_rounded_reference():
-    d = _data()
-    p = _with_adapter(lora.init(d["w"], RANK, alpha=ALPHA, key=jax.random.key(0)), d)
-    x = jnp.asarray(d["x"], jnp.bfloat16)
-    y = lora.apply(p, x)
-    assert y.dtype == jnp.bfloat16 and y.shape == BATCH + (OUT,)
-    y_ref, bound = _bf16_reference(d["x"], d["w"], d["a"], d["b"])
-    y_ref = _bf16(y_ref)  # the sum rounded too, as the layer's bf16 output is
-    _assert_within(np.asarray(y, np.float32).reshape(y_ref.shape), y_ref, bound, "bf16 y")
-    # f32 input, bf16 compute: the output comes back in the input's dtype.
-    assert lora.apply(p, jnp.asarray(d["x"])).dtype == jnp.float32
-
-
 # --------------------------------------------------------------------------------------
 # FP8 LoRA.
 
@@ -496,16 +483,6 @@ def test_qlora_float32_forward_and_grads():
         assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
 
 
-def test_qlora_bf16_forward():
-    d = _data()
-    p = _with_adapter(qlora.init(d["w"], RANK, alpha=ALPHA, key=jax.random.key(0)), d)
-    xb = jnp.asarray(d["x"], jnp.bfloat16)
-    y = qlora.apply(p, xb)
-    assert y.dtype == jnp.bfloat16 and y.shape == BATCH + (OUT,)
-    y_ref, bound = _bf16_reference(d["x"], _nf4_dequant_ref(p.w), d["a"], d["b"])
-    _assert_within(np.asarray(y, np.float32).reshape(y_ref.shape), y_ref, bound, "bf16 y")
-
-
 def test_qlora_rejects_sizes_not_multiple_of_block():
     with pytest.raises(ValueError, match="block size"):
         qlora.init(np.zeros((3, 20), np.float32), 2, key=jax.random.key(0))
@@ -513,6 +490,22 @@ def test_qlora_rejects_sizes_not_multiple_of_block():
 
 # --------------------------------------------------------------------------------------
 # The shared interface.
+
+
+@pytest.mark.parametrize("module", [lora, qlora], ids=["lora", "qlora"])
+def test_bf16_compute_matches_rounded_reference(module):
+    """bf16 compute (the default dtype) against a bf16 LoRA over the backbone as stored: ``w``
+    in bf16 (lora) or the dequantized NF4 (qlora)."""
+    d = _data()
+    p = _with_adapter(module.init(d["w"], RANK, alpha=ALPHA, key=jax.random.key(0)), d)
+    y = module.apply(p, jnp.asarray(d["x"], jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and y.shape == BATCH + (OUT,)
+    w = _nf4_dequant_ref(p.w) if module is qlora else np.asarray(p.w, np.float64)
+    y_ref, bound = _bf16_reference(d["x"], w, d["a"], d["b"])
+    y_ref = _bf16(y_ref)  # the sum rounded too, as the layer's bf16 output is
+    _assert_within(np.asarray(y, np.float32).reshape(y_ref.shape), y_ref, bound, "bf16 y")
+    # f32 input, bf16 compute: the output comes back in the input's dtype.
+    assert module.apply(p, jnp.asarray(d["x"])).dtype == jnp.float32
 
 
 @pytest.mark.parametrize("module", METHODS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])

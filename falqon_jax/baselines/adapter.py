@@ -11,7 +11,8 @@ backbone of its own plus the same trainable adapter:
 
 A baseline's params class subclasses :class:`LoraAdapter`, declares only its backbone fields
 and is registered with :func:`register`, which keeps the pytree order of the backbone first:
-leaves ``(backbone..., a, b)``, static ``(rank, alpha, own static fields...)``.
+leaves ``(backbone..., a, b)``, static ``(rank, alpha, own static fields...)``. Its ``init``
+comes from :func:`make_init`, given only how the backbone is built from ``w`` and ``dtype``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 _P = TypeVar("_P")
+_A = TypeVar("_A", bound="LoraAdapter")
 _T = TypeVar("_T", bound=type)
 
 
@@ -58,6 +60,43 @@ def register(cls: _T) -> _T:
         data_fields=[f.name for f in own if not f.metadata.get("static")] + ["a", "b"],
         meta_fields=["rank", "alpha"] + [f.name for f in own if f.metadata.get("static")],
     )
+
+
+def make_init(
+    params_type: Callable[..., _A],
+    backbone: Callable[[jax.Array, Any], dict[str, Any]],
+    check: Callable[[int, int, int], str | None],
+    *,
+    doc: str,
+    dtype_problem: Callable[[Any], str | None] | None = None,
+) -> Callable[..., _A]:
+    """A baseline's ``init(w, rank, *, alpha=16.0, key=None, dtype=jnp.bfloat16)``.
+
+    The returned ``init`` (docstring ``doc``, named as a function of ``params_type``'s module)
+    checks the float32 weight ``w (out, in)`` and ``rank`` (:func:`new_adapter`: the shape,
+    ``check(out, in, rank)``, then ``dtype_problem(dtype)`` if given, then the ``key``), draws
+    the adapter and returns ``params_type(**backbone(w, dtype), a=..., b=..., rank=...,
+    alpha=...)``: ``backbone`` builds the frozen fields in the compute ``dtype``.
+    """
+
+    def init(
+        w: jax.Array,
+        rank: int,
+        *,
+        alpha: float = 16.0,
+        key: jax.Array | None = None,
+        dtype: jnp.dtype = jnp.bfloat16,
+    ) -> _A:
+        def problem(out: int, in_features: int, r: int) -> str | None:
+            return check(out, in_features, r) or (dtype_problem and dtype_problem(dtype))
+
+        fields = new_adapter(w, rank, alpha=alpha, key=key, check=problem)
+        return params_type(**backbone(w, dtype), **fields)
+
+    init.__doc__ = doc
+    init.__module__ = params_type.__module__
+    init.__qualname__ = "init"
+    return init
 
 
 def new_adapter(

@@ -66,24 +66,36 @@ class Fp8LoraLinear(adapter.LoraAdapter):
     scale: jax.Array
 
 
-def init(
-    w: jax.Array,
-    rank: int,
-    *,
-    alpha: float = 16.0,
-    key: jax.Array | None = None,
-    dtype: jnp.dtype = jnp.bfloat16,
-) -> Fp8LoraLinear:
-    """Quantize a float32 weight ``w (out, in)`` to E4M3 and attach a LoRA adapter.
+def check(out: int, in_features: int, rank: int) -> str | None:
+    """Why an ``(out, in)`` layer cannot be converted, or ``None`` if it can.
+
+    ``out`` and ``in`` must be multiples of 16 (FP8 GEMMs) and ``rank`` in
+    ``1..min(out, in)``; the same rule as :func:`falqon_jax.melded.check_convertible`.
+    """
+    return melded.check_convertible(out, in_features, rank)
+
+
+def _backbone(w: jax.Array, dtype: jnp.dtype) -> dict[str, jax.Array]:
+    """``w (out, in)`` quantized once to float8_e4m3fn ``w8`` and its float32 ``scale ()``.
+
+    ``dtype`` is unused: the backbone is stored in FP8 whatever the compute dtype.
+    """
+    w8, scale = fp8.quantize(jnp.asarray(w, jnp.float32), fp8.E4M3)
+    return dict(w8=w8, scale=scale)
+
+
+init = adapter.make_init(
+    Fp8LoraLinear,
+    _backbone,
+    check,
+    doc="""Quantize a float32 weight ``w (out, in)`` to E4M3 and attach a LoRA adapter.
 
     ``key`` (required) draws ``a``; ``b`` is zero. ``dtype`` is accepted for a signature
     shared with the other baselines and unused: GEMM operands are FP8, accumulation is
     float32, and ``apply`` returns ``x``'s dtype. Raises ``ValueError`` if ``out`` or ``in``
     is not a multiple of 16 (FP8 GEMM requirement) or the rank is not in ``1..min(out, in)``.
-    """
-    fields = adapter.new_adapter(w, rank, alpha=alpha, key=key, check=check)
-    w8, scale = fp8.quantize(jnp.asarray(w, jnp.float32), fp8.E4M3)
-    return Fp8LoraLinear(w8=w8, scale=scale, **fields)
+    """,
+)
 
 
 def apply(p: Fp8LoraLinear, x: jax.Array) -> jax.Array:
@@ -103,15 +115,6 @@ def apply(p: Fp8LoraLinear, x: jax.Array) -> jax.Array:
     b = p.b.astype(jnp.float32)
     y = _fp8_lora_matmul(p.scaling, p.w8, p.scale, a, b, tokens)
     return y.reshape(x.shape[:-1] + (y.shape[-1],))
-
-
-def check(out: int, in_features: int, rank: int) -> str | None:
-    """Why an ``(out, in)`` layer cannot be converted, or ``None`` if it can.
-
-    ``out`` and ``in`` must be multiples of 16 (FP8 GEMMs) and ``rank`` in
-    ``1..min(out, in)``; the same rule as :func:`falqon_jax.melded.check_convertible`.
-    """
-    return melded.check_convertible(out, in_features, rank)
 
 
 def trainable(p: Fp8LoraLinear) -> Fp8LoraLinear:

@@ -38,22 +38,27 @@ class LoraLinear(adapter.LoraAdapter):
     w: jax.Array
 
 
-def init(
-    w: jax.Array,
-    rank: int,
-    *,
-    alpha: float = 16.0,
-    key: jax.Array | None = None,
-    dtype: jnp.dtype = jnp.bfloat16,
-) -> LoraLinear:
-    """Wrap a float32 weight ``w (out, in)`` as a :class:`LoraLinear`.
+def check(out: int, in_features: int, rank: int) -> str | None:
+    """Why an ``(out, in)`` layer cannot take a rank-``rank`` adapter, or ``None`` if it can."""
+    return melded.rank_problem(out, in_features, rank)
+
+
+def _backbone(w: jax.Array, dtype: jnp.dtype) -> dict[str, jax.Array]:
+    """The frozen ``w (out, in)`` stored in the compute ``dtype``."""
+    return dict(w=jnp.asarray(w).astype(dtype))
+
+
+init = adapter.make_init(
+    LoraLinear,
+    _backbone,
+    check,
+    doc="""Wrap a float32 weight ``w (out, in)`` as a :class:`LoraLinear`.
 
     ``w`` is stored in ``dtype`` (the compute dtype); ``a`` is drawn from ``key`` (required),
     ``b`` is zero. Raises ``ValueError`` for a non-2-D ``w``, a missing key or a rank outside
     ``1..min(out, in)``.
-    """
-    fields = adapter.new_adapter(w, rank, alpha=alpha, key=key, check=check)
-    return LoraLinear(w=jnp.asarray(w).astype(dtype), **fields)
+    """,
+)
 
 
 def apply(p: LoraLinear, x: jax.Array) -> jax.Array:
@@ -70,11 +75,6 @@ def apply(p: LoraLinear, x: jax.Array) -> jax.Array:
     xc = x.astype(p.w.dtype)
     y = jnp.einsum("...i,oi->...o", xc, lax.stop_gradient(p.w))
     return (y + adapter.lora_output(xc, p)).astype(x.dtype)
-
-
-def check(out: int, in_features: int, rank: int) -> str | None:
-    """Why an ``(out, in)`` layer cannot take a rank-``rank`` adapter, or ``None`` if it can."""
-    return melded.rank_problem(out, in_features, rank)
 
 
 def trainable(p: LoraLinear) -> LoraLinear:

@@ -22,6 +22,7 @@ the float32 scale leaves zeros); alternatively differentiate only the leaves mar
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,34 +44,41 @@ class QLoraLinear(adapter.LoraAdapter):
     compute_dtype: str = dataclasses.field(metadata=dict(static=True))
 
 
-def init(
-    w: jax.Array,
-    rank: int,
-    *,
-    alpha: float = 16.0,
-    key: jax.Array | None = None,
-    dtype: jnp.dtype = jnp.bfloat16,
-) -> QLoraLinear:
-    """Quantize a float32 weight ``w (out, in)`` to NF4 and attach a LoRA adapter.
-
-    ``dtype`` is the compute dtype; ``key`` (required) draws ``a``; ``b`` is zero. Raises
-    ``ValueError`` if ``out * in`` is not a multiple of 64 (the NF4 block size), the rank
-    is not in ``1..min(out, in)`` or ``dtype`` is not a float type.
-    """
-    fields = adapter.new_adapter(
-        w, rank, alpha=alpha, key=key,
-        check=lambda out, in_features, r: check(out, in_features, r) or _dtype_problem(dtype),
-    )
-    return QLoraLinear(w=nf4.quantize_nf4(jnp.asarray(w, jnp.float32)),
-                       compute_dtype=jnp.dtype(dtype).name, **fields)
-
-
 def _dtype_problem(dtype: jnp.dtype) -> str | None:
     """Why ``dtype`` cannot be the compute dtype (it must be a float type), or ``None``."""
     compute = jnp.dtype(dtype)
     if not jnp.issubdtype(compute, jnp.floating):
         return f"the compute dtype must be a float type, got {compute}"
     return None
+
+
+def check(out: int, in_features: int, rank: int) -> str | None:
+    """Why an ``(out, in)`` layer cannot be converted, or ``None`` if it can.
+
+    ``out * in`` must be a multiple of the NF4 block size 64 and ``rank`` in
+    ``1..min(out, in)``.
+    """
+    return nf4.check_quantizable((out, in_features)) or melded.rank_problem(out, in_features, rank)
+
+
+def _backbone(w: jax.Array, dtype: jnp.dtype) -> dict[str, Any]:
+    """``w (out, in)`` quantized to an NF4 ``w`` and the compute ``dtype``'s name."""
+    return dict(w=nf4.quantize_nf4(jnp.asarray(w, jnp.float32)),
+                compute_dtype=jnp.dtype(dtype).name)
+
+
+init = adapter.make_init(
+    QLoraLinear,
+    _backbone,
+    check,
+    dtype_problem=_dtype_problem,
+    doc="""Quantize a float32 weight ``w (out, in)`` to NF4 and attach a LoRA adapter.
+
+    ``dtype`` is the compute dtype; ``key`` (required) draws ``a``; ``b`` is zero. Raises
+    ``ValueError`` if ``out * in`` is not a multiple of 64 (the NF4 block size), the rank
+    is not in ``1..min(out, in)`` or ``dtype`` is not a float type.
+    """,
+)
 
 
 def apply(p: QLoraLinear, x: jax.Array) -> jax.Array:
@@ -87,15 +95,6 @@ def apply(p: QLoraLinear, x: jax.Array) -> jax.Array:
     xc = x.astype(p.compute_dtype)
     y = _nf4_matmul(p.w, xc)
     return (y + adapter.lora_output(xc, p)).astype(x.dtype)
-
-
-def check(out: int, in_features: int, rank: int) -> str | None:
-    """Why an ``(out, in)`` layer cannot be converted, or ``None`` if it can.
-
-    ``out * in`` must be a multiple of the NF4 block size 64 and ``rank`` in
-    ``1..min(out, in)``.
-    """
-    return nf4.check_quantizable((out, in_features)) or melded.rank_problem(out, in_features, rank)
 
 
 def trainable(p: QLoraLinear) -> QLoraLinear:
