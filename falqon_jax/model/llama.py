@@ -23,7 +23,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -234,12 +234,30 @@ class RMSNorm(nn.Module):
         return (sharding.gathered(weight) * x32).astype(self.dtype)
 
 
+KV = tuple[jax.Array, jax.Array]  # one layer's cached (k, v): (b, max_len, kv_heads, head_dim)
+
+
+class Positions(NamedTuple):
+    """Where a call's tokens sit, the same for every layer (``nn.scan`` broadcasts it).
+
+    ``cos``, ``sin``: float32 ``(b, s, head_dim)``, the RoPE rotation of each token;
+    ``keys``: what each query may attend to, a float32 bias ``(b, s, keys)`` (0 or very
+    negative) or int32 row lengths ``(b,)`` (causal, right padding; never with a cache);
+    ``index``: int32 scalar, the cache slot of the first token (``None`` without a cache).
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    keys: jax.Array
+    index: jax.Array | None
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache.
 
-    What ``keys`` is picks the kernel (:class:`Llama` decides which it builds): a bias goes
-    to :func:`~falqon_jax.model.attention.masked` (any padding, a KV cache), row lengths to
-    :func:`~falqon_jax.model.attention.fused` (causal, right padding).
+    What ``pos.keys`` is picks the kernel (:class:`Llama` decides which it builds): a bias
+    goes to :func:`~falqon_jax.model.attention.masked` (any padding, a KV cache), row lengths
+    to :func:`~falqon_jax.model.attention.fused` (causal, right padding).
     """
 
     config: LlamaConfig
@@ -247,38 +265,28 @@ class Attention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
-        keys: jax.Array,
-        index: jax.Array | None,
-        kv: tuple[jax.Array, jax.Array] | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """``x`` ``(b, s, hidden)``; ``keys`` what each query may attend to: a float32 bias
-        ``(b, s, keys)`` (0 or very negative), or int32 row lengths ``(b,)`` (causal, right
-        padding; never with a cache).
+    def __call__(self, x: jax.Array, pos: Positions, kv: KV | None) -> tuple[jax.Array, KV | None]:
+        """``x`` ``(b, s, hidden)`` -> same, at positions ``pos`` (:class:`Positions`).
 
         With a cache, ``kv`` is this layer's ``(k, v)`` ``(b, max_len, kv_heads, head_dim)``;
-        the new keys/values are written at slot ``index`` and the updated pair is returned.
+        the new keys/values are written at slot ``pos.index`` and the updated pair is returned.
         """
         c, p, dt = self.config, self.plan, self.dtype
         b, s, _ = x.shape
         q, k, v = _linears(self, (("q_proj", "q", c.num_heads * c.head_dim),
                                   ("k_proj", "k", c.num_kv_heads * c.head_dim),
                                   ("v_proj", "v", c.num_kv_heads * c.head_dim)), p, x, dt)
-        q = apply_rope(q.reshape(b, s, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, s, c.num_kv_heads, c.head_dim), cos, sin)
+        q = apply_rope(q.reshape(b, s, c.num_heads, c.head_dim), pos.cos, pos.sin)
+        k = apply_rope(k.reshape(b, s, c.num_kv_heads, c.head_dim), pos.cos, pos.sin)
         v = v.reshape(b, s, c.num_kv_heads, c.head_dim)
         if kv is not None:
-            k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            k = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, pos.index, 0, 0))
+            v = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, pos.index, 0, 0))
             kv = (k, v)
-        if keys.ndim == 1:
-            attn = attention.fused(q, k, v, keys)
+        if pos.keys.ndim == 1:
+            attn = attention.fused(q, k, v, pos.keys)
         else:
-            attn = attention.masked(q, k, v, keys)
+            attn = attention.masked(q, k, v, pos.keys)
         attn = attn.astype(dt).reshape(b, s, c.num_heads * c.head_dim)
         return _linear(self, "o_proj", p, "o", attn, c.hidden_size, dt), kv
 
@@ -306,19 +314,11 @@ class DecoderLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        cos: jax.Array,
-        sin: jax.Array,
-        keys: jax.Array,
-        index: jax.Array | None,
-        kv: tuple[jax.Array, jax.Array] | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    def __call__(self, x: jax.Array, pos: Positions, kv: KV | None) -> tuple[jax.Array, KV | None]:
         """``x`` ``(b, s, hidden)`` in ``dtype`` -> same; arguments as for :class:`Attention`."""
         c, dt = self.config, self.dtype
         h = RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(x)
-        h, kv = Attention(c, self.plan, dt, name="self_attn")(h, cos, sin, keys, index, kv)
+        h, kv = Attention(c, self.plan, dt, name="self_attn")(h, pos, kv)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(x)
         return x + MLP(c, self.plan, dt, name="mlp")(h), kv
@@ -422,10 +422,10 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, 0),  # the positions, each layer's (k, v)
             length=c.num_layers,
         )
-        x, kv = stack(c, self.plan, dt, name="layers")(x, cos, sin, keys, index, kv)
+        x, kv = stack(c, self.plan, dt, name="layers")(x, Positions(cos, sin, keys, index), kv)
         x = RMSNorm(c.rms_norm_eps, dt, name="norm")(x)
         logits = self._lm_head(x, embed).astype(jnp.float32)
         if cache is None:
