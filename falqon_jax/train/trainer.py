@@ -107,6 +107,28 @@ def make_merge(config: TrainConfig) -> optax.GradientTransformation:
                          rounding=config.rounding, seed=config.seed)
 
 
+def on_trainable(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+    """``inner`` on the trainable part of the params only (:func:`partition` by ``mask``):
+    its state and the params it sees hold no frozen leaf, and the updates it takes and
+    returns are shaped like that part (``None`` for frozen leaves)."""
+
+    def init(params: Any) -> Any:
+        return inner.init(partition(params, mask)[0])
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        trainable = None if params is None else partition(params, mask)[0]
+        return inner.update(updates, state, trainable)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_transformation(config: TrainConfig, mask: Any) -> optax.GradientTransformation:
+    """A run's whole update as one optax chain: clipping + AdamW on the trainable leaves,
+    then the melded layers' rule (:func:`make_merge`). Its state is the pair a checkpoint
+    holds as ``opt_state`` and ``falqon_state``."""
+    return optax.chain(on_trainable(make_optimizer(config), mask), make_merge(config))
+
+
 # optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
@@ -159,8 +181,7 @@ class Trainer:
         self.forward = forward
         self.mask = mask
         self.mesh = mesh
-        self.optimizer = make_optimizer(config)
-        self.merge = make_merge(config)
+        self.transformation = make_transformation(config, mask)
         self.schedule = learning_rate(config)
         self.step_fn = self._under_mesh(self._train_step)
         """The traceable step ``(state, tokens, mask, attention) -> (state, metrics)``."""
@@ -180,9 +201,7 @@ class Trainer:
     def fresh_state(self, params: Any) -> TrainState:
         """The initial state of ``params``, unplaced (traceable: works under ``eval_shape``):
         in the dtypes, strongly typed, that the train step returns it in."""
-        trainable, _ = partition(params, self.mask)
-        opt_state = self.optimizer.init(trainable)
-        falqon_state = self.merge.init(params)
+        opt_state, falqon_state = self.transformation.init(params)
         return strong_types(TrainState(params, opt_state, falqon_state,
                                        jnp.zeros((), jnp.int32)))
 
@@ -246,10 +265,9 @@ class Trainer:
         """The optimizer step: ``grads`` (shaped like the trainable part of the params)
         through clipping + AdamW, FALQON's update rule, then into the params (traceable;
         the train step and the benchmarks' single-layer steps use it)."""
-        trainable, _ = partition(state.params, self.mask)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, trainable)
         # melded layers: b's update through the rule (into b, or merged into the FP8 weights)
-        updates, falqon_state = self.merge.update(updates, state.falqon_state, state.params)
+        updates, (opt_state, falqon_state) = self.transformation.update(
+            grads, (state.opt_state, state.falqon_state), state.params)
         params = apply_updates(state.params, updates)
         # exactly the incoming state's dtypes: a state that changed dtype would make the
         # step's next call compile again
