@@ -129,6 +129,7 @@ def _compare(result, param_rtol, loss_rtol=1e-4, fp8_changed=0.0):
 FP8_CHANGED = 0.01
 
 
+@pytest.mark.slow  # minutes of simulated-mesh runs; .ci/run runs them
 def test_falqon_demo_on_meshes_matches_one_device(tmp_path):
     """The demo (FALQON's default rule on the tiny model): the same losses to 1e-4, FP8
     weights bit-identical (the live-``b`` rule never merges into them), ``b`` within 2e-3 of
@@ -139,6 +140,7 @@ def test_falqon_demo_on_meshes_matches_one_device(tmp_path):
     np.testing.assert_allclose(result["resumed_fsdp8"], result["resumed_fsdp8_copy"], rtol=1e-5)
 
 
+@pytest.mark.slow  # minutes of simulated-mesh runs; .ci/run runs them
 @pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260K")
 def test_stories260k_falqon_fine_tune_on_meshes_matches_one_device(tmp_path):
     """A FALQON fine-tune with the paper's rule (proxy buffers, top-k merges) of the
@@ -233,6 +235,7 @@ assert main(["--model", sys.argv[1], "--prompt-ids", "1,20,30", "--method", "fal
 """
 
 
+@pytest.mark.slow  # minutes of simulated-mesh runs; .ci/run runs them
 @pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260K")
 def test_generation_on_meshes_matches_one_device():
     """Greedy generation from stories260K with FSDP-sharded weights, the prompts split over
@@ -262,6 +265,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # minutes of simulated-mesh runs; .ci/run runs them
 def test_two_processes_train_like_one(tmp_path):
     """Multi-host on one machine: two processes with 4 CPU devices each (gloo collectives)
     join through ``--coordinator``, feed their own rows and train the demo on data=2,fsdp=4
