@@ -53,8 +53,8 @@ from falqon_jax.train.trainer import Trainer
 def run_training(config: TrainConfig, resume: bool, started: float) -> RunResult:
     """Run ``config`` in this process (``--out`` checked, distributed JAX joined): train to
     ``config.steps`` from step 0 or, with ``resume``, from the latest checkpoint."""
-    mesh = build_mesh(config)
-    run, state = set_up(config, prepare(config), mesh, resume)
+    mesh = build_mesh(config)  # before the model: its params are loaded onto the mesh
+    run, state = set_up(config, prepare(config, mesh), mesh, resume)
     progress = restored(run, state, resume)
     announce(run, progress.step)
     stream = batch_stream(run.prep.train, config.batch_size, config.seed, pad_id=run.pad_id,

@@ -46,9 +46,10 @@ class Prepared:
     dropped: int
 
 
-def prepare(config: TrainConfig) -> Prepared:
+def prepare(config: TrainConfig, mesh: Any = None) -> Prepared:
     """The run's examples (those with a response), tokenizer and model, checked against each
-    other, and the examples tokenized as the run trains on them."""
+    other, and the examples tokenized as the run trains on them. With ``mesh``, the model's
+    params are loaded already split over it as the trainer keeps them."""
     check_model_source(config)
     train_ex, held_ex = train_and_held_out(config)
     kept = [e for e in train_ex if has_response(e)]
@@ -56,7 +57,7 @@ def prepare(config: TrainConfig) -> Prepared:
     check_enough_examples(config, train_ex, held_ex, kept, held_kept)
     tokenizer = load_tokenizer(config)
     check_chat_template(config, tokenizer, kept + held_kept)
-    model = load_model_to_train(config)
+    model = load_model_to_train(config, mesh)
     check_model_limits(config, model, tokenizer)
     tokenize = example_tokenizer(config, tokenizer)
     train = [tokenize(e) for e in kept]
@@ -204,15 +205,17 @@ def attention_kernel(config: TrainConfig) -> str:
         raise UserError(str(err)) from None
 
 
-def load_model_to_train(config: TrainConfig) -> Any:
-    """The model of ``--model`` with ``--method``'s linear layers on its ``--targets``."""
+def load_model_to_train(config: TrainConfig, mesh: Any = None) -> Any:
+    """The model of ``--model`` with ``--method``'s linear layers on its ``--targets``; with
+    ``mesh`` (the run's, :func:`falqon_jax.train.loop.build_mesh`), every param created
+    already split over it by the partition rules, so no device ever holds the whole model."""
     method = linear_method(config)
     attention = attention_kernel(config)
     try:
         return load_model(
             config.model, method=method, rank=config.rank, alpha=config.alpha,
             dtype=config.dtype, targets=config.targets, init=config.init, seed=config.seed,
-            remat=config.remat, attention=attention,
+            remat=config.remat, attention=attention, mesh=mesh,
         )
     except (ValueError, OSError) as err:
         raise UserError(str(err).splitlines()[0]) from None
