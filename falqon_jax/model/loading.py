@@ -11,6 +11,7 @@ mesh=...)``): a 70B model loads onto 8 GPUs without ever being whole on one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -259,9 +260,7 @@ def convert_params(source: Any, module: Llama, key: jax.Array, *, mesh: Mesh | N
     if "lm_head" in place.abstract:
         w = source.read(embed_name if config.tie_word_embeddings else "lm_head.weight", embed_shape)
         method = plan.method("lm_head")
-        convert = jax.jit(
-            lambda w, k: method.init(w, plan.rank, alpha=plan.alpha, key=k, dtype=module.dtype)
-        )
+        convert = _converter(method, plan.rank, plan.alpha, module.dtype, per_layer=False)
         params["lm_head"] = place.converted(convert(*place.inputs(w, _target_key(key, "lm_head"))),
                                             ("lm_head",))
     if jax.tree.structure(params) != jax.tree.structure(place.abstract):
@@ -281,7 +280,8 @@ def _convert_layers(source: Any, module: Llama, key: jax.Array, place: _Placemen
     shapes = linear_shapes(config)
     norms = {name: np.empty((config.num_layers, *hidden), np.float32) for name in _HF_NORMS}
     stacks = {target: place.zeros(("layers", *path)) for target, path in _LAYER_PATHS.items()}
-    convert = {target: _layer_converter(plan.method(target), module) for target in _HF_LINEARS}
+    convert = {target: _converter(plan.method(target), plan.rank, plan.alpha, module.dtype,
+                                  per_layer=True) for target in _HF_LINEARS}
     write = {target: place.writer(("layers", *path)) for target, path in _LAYER_PATHS.items()}
     for i in _layer_progress(config):
         prefix = f"model.layers.{i}."
@@ -293,6 +293,9 @@ def _convert_layers(source: Any, module: Llama, key: jax.Array, place: _Placemen
             slot = place.converted(new, ("layers", *_LAYER_PATHS[target]), stacked=True)
             del new  # one layer in flight
             stacks[target] = write[target](stacks[target], slot, np.int32(i))
+        # the host reads ahead of the device no further than one layer: otherwise the
+        # weights of every layer read so far could be queued for conversion at once
+        jax.block_until_ready(stacks)
         if on_layer is not None:
             on_layer(i)
     layers: dict[str, Any] = {
@@ -304,14 +307,18 @@ def _convert_layers(source: Any, module: Llama, key: jax.Array, place: _Placemen
     return layers
 
 
-def _layer_converter(method: Any, module: Llama) -> Callable[..., Any]:
-    """``(w, key, i) -> method.init(w)`` for layer ``i`` (jitted; runs where ``w`` is)."""
-    plan = module.plan
+@functools.lru_cache(maxsize=64)
+def _converter(method: Any, rank: int, alpha: float, dtype: Any,
+               per_layer: bool) -> Callable[..., Any]:
+    """``(w, key, i) -> method.init(w)`` with ``key`` folded with layer ``i`` (``per_layer``)
+    or ``(w, key) -> method.init(w)`` (jitted; runs where ``w`` is). Kept per method and
+    settings, so loading again (another model of the same shapes, ``--init-a grad``'s dense
+    copy) compiles nothing again."""
 
-    def convert(w: jax.Array, key: jax.Array, layer: jax.Array) -> Any:
-        return method.init(
-            w, plan.rank, alpha=plan.alpha, key=jax.random.fold_in(key, layer), dtype=module.dtype
-        )
+    def convert(w: jax.Array, key: jax.Array, *layer: jax.Array) -> Any:
+        if per_layer:
+            key = jax.random.fold_in(key, layer[0])
+        return method.init(w, rank, alpha=alpha, key=key, dtype=dtype)
 
     return jax.jit(convert)
 
