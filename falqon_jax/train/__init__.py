@@ -10,6 +10,7 @@
   part once per run, the changing part (:mod:`~falqon_jax.train.state_parts`) per save,
   asynchronously, with fingerprints (:mod:`~falqon_jax.train.fingerprint`);
 * :mod:`~falqon_jax.train.stopping` -- Ctrl-C, SIGTERM and ``--max-time``: save and exit;
+* :mod:`~falqon_jax.train.reporting` -- ``--report-to``: the metrics in TensorBoard, W&B;
 * :mod:`~falqon_jax.train.grad_init` -- ``--init-a grad`` (A from loss gradients);
 * :mod:`~falqon_jax.train.run` -- one run end to end (:func:`finetune`, :func:`main`): the
   command line, ``--resume`` and ``--plan``; a run's parts are

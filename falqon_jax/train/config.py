@@ -22,6 +22,7 @@ from typing import Any
 from falqon_jax import packaged, rules
 from falqon_jax.cli import OneLineParser
 from falqon_jax.model.methods import A_SCALES, DEFAULT_A_GAIN, DEFAULT_A_SCALE
+from falqon_jax.train import reporting
 from falqon_jax.train.stopping import parse_duration
 
 METHODS = ("falqon", "lora", "fp8_lora", "qlora", "full")
@@ -74,6 +75,7 @@ class TrainConfig:
     save_every: int = 500
     eval_every: int = 250
     log_every: int = 10
+    report_to: tuple[str, ...] = ()  # see falqon_jax.train.reporting; not in identity()
     keep_checkpoints: int = 3
     max_time: float | None = None  # seconds; see falqon_jax.train.stopping
     sample_tokens: int = 32
@@ -233,6 +235,10 @@ def _run_flags(add: Callable[..., Any]) -> None:
     add("--save-every", type=int, help="checkpoint every N steps (and at the end)")
     add("--eval-every", type=int, help="eval loss every N steps (and at the end)")
     add("--log-every", type=int, help="write a metrics line every N steps")
+    add("--report-to", type=_reporters, metavar="NAMES", help="also log "
+        "the metrics to these, comma-separated: tensorboard (OUT/tensorboard; needs the "
+        "tensorboard extra), wandb (OUT/wandb, offline unless WANDB_API_KEY is set; needs "
+        "the wandb extra)")
     add("--keep-checkpoints", type=int, help="how many recent checkpoints to keep")
     add("--max-time", type=_duration, help="save and exit (status 75) before this much time "
         "has passed, e.g. a scheduler's time limit minus a margin: seconds, 45m, 3.5h, "
@@ -258,7 +264,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
         if isinstance(value, bool):
             return "on" if value else "off"
         if isinstance(value, tuple):
-            return ",".join(value)
+            return ",".join(value) or "none"
         return "none" if value is None or value == "" else str(value)
 
     for action in parser._actions:
@@ -269,6 +275,13 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             continue
         text = shown(paper) if demo == paper else f"demo {shown(demo)}, paper {shown(paper)}"
         action.help = f"{action.help} (default: {text})".replace("%", "%%")
+
+
+def _reporters(text: str) -> tuple[str, ...]:
+    try:
+        return reporting.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _duration(text: str) -> float:
@@ -347,7 +360,8 @@ def _read_recipe(path: str) -> dict[str, Any]:
     return values
 
 
-_KINDS = {int: "an integer", float: "a number", _duration: "a duration (seconds, 45m, 3.5h)"}
+_KINDS = {int: "an integer", float: "a number", _duration: "a duration (seconds, 45m, 3.5h)",
+          _reporters: f"none or a comma list of {', '.join(reporting.REPORTERS)}"}
 
 
 def _recipe_value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
@@ -370,6 +384,10 @@ def _recipe_value(path: str, key: str, value: Any, action: argparse.Action) -> A
         if not isinstance(value, str):
             raise wrong("a list of layer names or a comma-separated string")
         return value
+    if action.dest == "report_to" and isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise wrong(_KINDS[_reporters])
+        value = ",".join(value) or "none"
     convert = action.type
     if isinstance(value, str):
         if convert is not None:
@@ -422,5 +440,9 @@ def validate(c: TrainConfig, *, need_data: bool = True) -> None:
     if not c.data and need_data:
         raise ConfigError("--data is required with --model: pass an instruction data set (a "
                           "file, a directory or a Hugging Face Hub name)")
+    try:
+        reporting.check_names(c.report_to)
+    except ValueError as err:
+        raise ConfigError(f"--report-to: {err}") from None
     if not c.data_split:
         raise ConfigError("--data-split must name a split, e.g. train")

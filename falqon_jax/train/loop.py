@@ -1,6 +1,8 @@
 """The training loop of one run (:func:`run_training`): set up the mesh, the model and the
-checkpoint store, step to ``--steps`` with logging, evaluation and checkpoints on their
-schedules, then report. A run ends early in four ways, each a :class:`RunResult`:
+checkpoint store, step to ``--steps`` with logging (``metrics.jsonl``, and ``--report-to``'s
+writers: :mod:`~falqon_jax.train.reporting`, closed however the run ends), evaluation and
+checkpoints on their schedules, then report. A run ends early in four ways, each a
+:class:`RunResult`:
 
 * a non-finite loss -- exit 3, the last good checkpoint kept (:func:`diverged`);
 * a stop request (Ctrl-C, SIGTERM, ``--max-time``) -- the step saved (:func:`stopped`);
@@ -17,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from falqon_jax import sharding
 from falqon_jax.model.methods import training_method
-from falqon_jax.train import state_parts
+from falqon_jax.train import reporting, state_parts
 from falqon_jax.train.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -40,6 +42,8 @@ from falqon_jax.train.outcome import (
     EXIT_CHECKPOINT,
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_TIME_LIMIT,
     RunResult,
     UserError,
 )
@@ -57,6 +61,21 @@ def run_training(config: TrainConfig, resume: bool, started: float) -> RunResult
     run, state = set_up(config, prepare(config, mesh), mesh, resume)
     progress = restored(run, state, resume)
     announce(run, progress.step)
+    result = None
+    try:
+        run.reporter = reporting.open(config, run.out, resume, progress.step,
+                                      primary=run.primary)
+        result = train(run, progress, resume, started)
+        return result
+    finally:  # every way out: finished, stopped, diverged, not written, an error
+        run.reporter.close(reported_exit_code(result))
+
+
+def train(run: Run, progress: Progress, resume: bool, started: float) -> RunResult:
+    """The run from ``progress`` on: the steps, their logs and checkpoints, then the closing
+    report. ``run.reporter`` stays open to the end: a result computed after training is
+    logged with ``run.reporter.log(progress.step, {name: value})``."""
+    config, mesh = run.config, run.mesh
     stream = batch_stream(run.prep.train, config.batch_size, config.seed, pad_id=run.pad_id,
                           buckets=length_buckets(config), start_step=progress.step)
     # Every process trains and checkpoints (Orbax coordinates the hosts); one writes logs.
@@ -130,6 +149,8 @@ class Run:
     trainer: Trainer
     store: CheckpointStore
     rows: Any  # the sharding of a batch's rows over the mesh
+    # --report-to's writers (opened once the start step is known; none on other processes)
+    reporter: reporting.Reporter = field(default_factory=reporting.Reporter)
 
     def place(self, batch: Batch) -> list[Any]:
         """A batch's arrays as global arrays, rows split over the mesh."""
@@ -246,6 +267,8 @@ def train_steps(run: Run, progress: Progress, stream: Iterator[Batch], bar: tqdm
             with writing(run.out / "metrics.jsonl"):
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            with writing(run.out):  # OUT/tensorboard, OUT/wandb
+                run.reporter.log(progress.step, reporting.scalars(record))
         if due(progress.step, config.save_every, config.steps):
             # written while training goes on
             run.store.save(progress.step, progress.state, run.meta(progress.step))
@@ -305,6 +328,16 @@ def _empty_like(example: Tokenized) -> Tokenized:
 
 # --------------------------------------------------------------------------------------
 # The early exits.
+
+
+def reported_exit_code(result: RunResult | None) -> int:
+    """The exit code the reporters close with (W&B marks a non-zero one failed): the run's,
+    1 for an error raised, 0 for a stop that ``--resume`` continues (Ctrl-C, SIGTERM,
+    ``--max-time``)."""
+    if result is None:
+        return 1
+    stops = (EXIT_TIME_LIMIT, EXIT_INTERRUPTED, EXIT_TERMINATED)
+    return 0 if result.exit_code in stops else result.exit_code
 
 
 def save_unsaved(run: Run, progress: Progress) -> None:

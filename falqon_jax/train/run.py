@@ -32,7 +32,7 @@ import jax
 
 from falqon_jax import sharding, targets
 from falqon_jax.model.loading import LoadError
-from falqon_jax.train import plan
+from falqon_jax.train import plan, reporting
 from falqon_jax.train.checkpoints import CheckpointError
 from falqon_jax.train.config import (
     ConfigError,
@@ -75,6 +75,7 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> RunResult:
     """
     started = time.monotonic()
     validate(config)
+    reporting.check_installed(config.report_to)  # before anything is downloaded or written
     if resume:
         config = kept_schedule(config)
     # Every process checks --out before joining: nothing is written before all have joined.

@@ -88,8 +88,9 @@ def read_run_config(run_dir: Path) -> Any:
     values = {k: v for k, v in data.items() if k in fields}
     if "rule" not in data:
         values |= {"rule": rules.PAPER.name, "a_scale": "natural"}
-    if isinstance(values.get("targets"), list):
-        values["targets"] = tuple(values["targets"])
+    for key, value in values.items():  # targets, report_to: tuples, saved as lists
+        if isinstance(value, list):
+            values[key] = tuple(value)
     return TrainConfig(**values)
 
 
