@@ -96,10 +96,9 @@ def load_model(
       remat: recompute each decoder layer in the backward pass (gradient checkpointing).
       attention: ``"xla"`` or ``"cudnn"`` (see :class:`~falqon_jax.model.llama.Llama`;
         :func:`falqon_jax.model.attention.choose` picks one for a platform).
-      mesh: a device mesh (:func:`falqon_jax.sharding.parse_mesh`): every param is created
-        already split over it as :func:`falqon_jax.sharding.tree_shardings` places it (the
-        trainer's layout), so no device holds more than its share plus one layer in
-        flight; default: everything on the default device.
+      mesh: every param created already split over this mesh as the trainer keeps it
+        (:func:`falqon_jax.sharding.tree_shardings`; see :func:`convert_params`); default:
+        everything on the default device.
 
     Returns:
       A :class:`LlamaModel`; ``model.logits(tokens, attention_mask)`` maps int
