@@ -513,3 +513,108 @@ def test_bench_gpu_mistakes_are_one_line(flags, message, capsys):
     assert main(["gpu", "--shapes", "none", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@needs_plugin
+def test_h100_and_h200_compile_a_small_step_to_the_same_memory():
+    """What lets ``--plan h100,h200`` compile a small step once (plan.compiles_alike): the
+    two GPUs differ to XLA only in memory size and bandwidth, and a step far below either's
+    memory compiles to the same memory for both: the same arguments, temporaries within a
+    few hundred bytes (measured: 256 of 16 MB here; LLaMA-7B's step: to the byte)."""
+    import dataclasses as dc
+
+    from falqon_jax.train import plan
+    from falqon_jax.train.config import DEMO
+
+    config = dc.replace(DEMO, batch_size=8, target_len=32, source_len=16)
+    h100, h200 = (plan.plan(config, targets.get(name), 1, {}, search=False)
+                  for name in ("h100", "h200"))
+    assert h100.memory["arguments"] == h200.memory["arguments"]
+    assert abs(h100.memory["peak"] - h200.memory["peak"]) <= 4096
+    assert (h100.fp8_gemms, h100.gemms) == (h200.fp8_gemms, h200.gemms)
+
+
+@needs_plugin
+def test_plan_of_several_gpus_prints_one_row_each(capsys):
+    """``--plan h100,h200,h100:2``: a table row per GPU kind; the H100 reads the H200's
+    compiles (a small step), so nothing is compiled for one H100."""
+    from falqon_jax.train.run import main
+
+    assert main(["--model", "tiny", "--batch-size", "8", "--target-len", "32",
+                 "--plan", "h200,h100,h100:2"]) == 0
+    captured = capsys.readouterr()
+    rows = captured.out.strip().splitlines()
+    assert rows[1].split()[:5] == ["target", "devices", "peak/device", "usable", "fits"]
+    assert [r.split()[0] for r in rows[2:5]] == ["h200", "h100", "h100:2"]
+    assert all(r.split()[-3:-1] == ["yes", "1"] for r in rows[2:5]), rows
+    assert rows[5].startswith("h100 read steps compiled for h200")
+    assert "for 1 x h200" in captured.err and "for 1 x h100" not in captured.err
+
+
+@needs_plugin
+@pytest.mark.parametrize("spec, message", [
+    ("h100,v100", "unknown GPU target 'v100'"),
+    ("h200,h100:0", "--plan h100:0: the device count after ':' must be a positive integer"),
+    ("h200,h100:3", "--plan h100:3: the micro-batch of 16 rows"),
+])
+def test_plan_of_several_gpus_mistakes_are_one_line(spec, message, capsys):
+    from falqon_jax.train.run import main
+
+    assert main(["--model", "llama2-70b", "--plan", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+# --------------------------------------------------------------------------------------
+# LLaMA-2-70B (80 layers, GQA, batch 16 x 528, rank 64, remat, bf16): the recipes' steps
+
+
+def _plan_70b(recipe: str, spec: str, environ: dict, **flags) -> tuple:
+    from falqon_jax.train import plan
+    from falqon_jax.train.config import resolve
+
+    config, _ = resolve(["--recipe", recipe])
+    compiled: list = []
+    reports = plan.plan_targets(config, plan.parse_requests(spec), environ,
+                                progress=compiled.append, **flags)
+    return config, reports, compiled
+
+
+@needs_plugin
+def test_llama2_70b_falqon_fits_one_h200_and_eight_h100s_at_batch_16():
+    """The 1 x H200 recipe's step fits in the 75% of an H200 JAX takes by default (105.3
+    GiB); its train state is the FP8 backbone of 80 layers (64.1 GiB, ``A``'s 64 rows
+    included), bf16 embeddings and head (1.0 GiB) and ``b`` with its AdamW moments in
+    float32 (4.8 GiB). The 8 x H100 recipe's (FSDP) holds an eighth of that state per
+    device and fits. Two compiles."""
+    from falqon_jax.train.config import resolve
+
+    _, (h200,), compiled = _plan_70b("llama2-70b-alpaca-falqon-1xh200", "h200", {},
+                                     search=False)
+    assert h200.fits and h200.memory["peak"] <= 0.75 * h200.target.memory_bytes
+    assert 69 * targets.GIB < h200.state_bytes < 71 * targets.GIB, h200.state_bytes
+    assert h200.fp8_gemms > 0 and h200.widened_fp8 == 0
+    _, (eight,), more = _plan_70b("llama2-70b-alpaca-falqon-8xh100", "h100:8", {},
+                                  search=False)
+    assert eight.fits and eight.mesh == (1, 8)
+    assert eight.state_bytes == pytest.approx(h200.state_bytes / 8, rel=0.01)
+    assert eight.memory["peak"] < h200.memory["peak"] / 3
+    assert len(compiled + more) == 2
+    assert resolve(["--recipe", "llama2-70b-alpaca-falqon-8xh100"])[0].mesh == "fsdp=8"
+
+
+@needs_plugin
+def test_plan_names_the_grad_accum_of_the_one_h100_recipe():
+    """One H100: the train state alone (69.9 GiB) is above the 75% JAX takes by default,
+    so nothing fits there, and ``--plan h100`` names the smallest --grad-accum that fits
+    batch 16 with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95: the recipe's 16 (micro-batch 1;
+    measured 74.73 GiB of 75.1), since 8 does not (75.53 GiB). Two compiles: the recipe's
+    step, then grad-accum 8."""
+    config, (h100,), compiled = _plan_70b("llama2-70b-alpaca-falqon-1xh100", "h100", {})
+    assert not h100.fits and h100.largest_batch is None
+    assert h100.smallest_accum.grad_accum is None
+    high = h100.suggested_accum
+    assert (high.fraction, high.grad_accum) == (0.95, config.grad_accum) == (0.95, 16)
+    peaks = {c.grad_accum: c.peak for c in compiled}
+    assert peaks[16] == high.peak <= high.usable_bytes < peaks[8], peaks
+    assert [(c.batch, c.grad_accum) for c in compiled] == [(16, 16), (16, 8)]

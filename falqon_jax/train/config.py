@@ -250,9 +250,11 @@ def _run_flags(add: Callable[..., Any]) -> None:
     add("--num-processes", type=int, help="multi-host: number of processes (hosts)")
     add("--process-id", type=int, help="multi-host: this process's index")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    add("--plan", metavar="GPU[:N]", help="do not train: compile this command's train step for "
-        "N GPUs (default 1) of a kind -- h100, h200, a100, l4 -- without one, and print the "
-        "peak memory per device, whether it fits and the largest batch that does (needs the "
+    add("--plan", metavar="GPU[:N][,GPU[:N]...]", help="do not train: compile this "
+        "command's train step for N GPUs (default 1) of a kind -- h100, h200, a100, l4 -- "
+        "without one, and print the peak memory per device, whether it fits, the largest batch "
+        "that does and the smallest --grad-accum that fits --batch-size; several kinds "
+        "(h100,h200,h100:8) give one table row each (needs the "
         f"h100 extra: {packaged.install_command('h100')}; no weights are loaded, --data may "
         "be left out)")
 

@@ -166,27 +166,31 @@ def kept_schedule(config: TrainConfig) -> TrainConfig:
 
 
 def run_plan(config: TrainConfig, spec: str) -> int:
-    """``--plan GPU[:N]``: compile the step of ``config`` for N compile-only GPUs and print
-    whether it fits (:mod:`falqon_jax.train.plan`); trains nothing, writes nothing."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's notes on fitting a batch
-    name, _, count = spec.partition(":")
-    if count and not (count.isdigit() and int(count) > 0):
-        raise UserError(f"--plan {spec}: the device count after ':' must be a positive integer")
+    """``--plan GPU[:N][,GPU[:N]...]``: compile the step of ``config`` for N compile-only
+    GPUs of each kind and print whether it fits, the largest batch and the smallest
+    ``--grad-accum`` that do (:mod:`falqon_jax.train.plan`): the detailed report for one
+    kind, a table for several; trains nothing, writes nothing."""
+    # XLA's notes on fitting a batch (warnings, and an error-level line when the arguments
+    # exceed its own aim): read when the CUDA plugin loads, so set before the first compile;
+    # "1" is JAX's own default, a user's other setting wins
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     try:
-        target = targets.get(name)
+        requests = plan.parse_requests(spec)
         targets.use_compile_only()
-        architecture = plan.architecture(config.model)  # noqa: F841 -- fails fast, one line
+        plan.architecture(config.model)  # fails fast, one line
     except (targets.TargetError, ValueError, OSError) as err:
         raise UserError(str(err).splitlines()[0]) from None
 
-    def progress(batch: int, peak: int) -> None:
-        print(f"  compiled batch {batch}: peak {peak / targets.GIB:.2f} GiB per device",
-              file=sys.stderr, flush=True)
+    def progress(compiled: plan.Compiled) -> None:
+        print(plan.format_compile(compiled), file=sys.stderr, flush=True)
 
     try:
-        report = plan.plan(config, target, int(count or 1), dict(os.environ),
-                           on_compile=progress)
+        reports = plan.plan_targets(config, requests, dict(os.environ), progress=progress)
     except sharding.MeshError as err:
         raise UserError(str(err)) from None
-    print(plan.format_report(config, report))
+    if len(reports) == 1:
+        print(plan.format_report(config, reports[0]))
+    else:
+        print(plan.format_table(config, reports))
     return 0
