@@ -76,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, 2 for a mistake, 74 for a damaged
     checkpoint)."""
+    args = build_parser().parse_args(argv)
+    from falqon_jax.sharding import MeshError
     from falqon_jax.train.checkpoints import CheckpointError
     from falqon_jax.train.outcome import EXIT_CHECKPOINT
 
-    args = build_parser().parse_args(argv)
-    return one_line_errors(lambda: run(args), [((UsageError, LoadError), 2),
+    return one_line_errors(lambda: run(args), [((UsageError, LoadError, MeshError), 2),
                                                (CheckpointError, EXIT_CHECKPOINT)])
 
 
@@ -181,22 +182,13 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids)
 
 
-def _mesh(spec: str | None) -> Any:
-    if spec is None:
-        return None
-    from falqon_jax import sharding
-
-    try:
-        return sharding.parse_mesh(spec)
-    except sharding.MeshError as err:
-        raise UsageError(str(err)) from None
-
-
 def run(args: argparse.Namespace) -> int:
     """Load, generate, print. Raises :class:`UsageError`/:class:`LoadError` on mistakes."""
     ids = _check_args(args)
-    mesh = _mesh(args.mesh)
+    from falqon_jax.sharding import optional_mesh
     from falqon_jax.sources import kind_of, load_any
+
+    mesh = optional_mesh(args.mesh)
 
     if kind_of(args.model) == "card":
         from falqon_jax.model.config import available_cards, card_source

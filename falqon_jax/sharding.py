@@ -66,6 +66,12 @@ def parse_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(grid, AXES)
 
 
+def optional_mesh(spec: str | None) -> Mesh | None:
+    """A command's ``--mesh``: ``None`` where none was given (one device), else
+    :func:`parse_mesh`; raises :class:`MeshError` for a bad one."""
+    return None if spec is None else parse_mesh(spec)
+
+
 def _is_stacked(path) -> bool:
     return any(getattr(entry, "key", None) == "layers" for entry in path)
 

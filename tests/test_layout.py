@@ -24,9 +24,11 @@ LAYERS = {
     "falqon_jax.baselines": 2,
     "falqon_jax.model": 3,
     "falqon_jax.train": 4, "falqon_jax.export": 4,
+    "falqon_jax.eval": 4,  # the LM wrapper and harness; a training run's --eval-tasks uses them
     "falqon_jax": 4,  # the package root: load_model (model) and restore (train.runs)
     "falqon_jax.sources": 5,
     "falqon_jax.export.cli": 6, "falqon_jax.export.__main__": 6, "falqon_jax.generate": 6,
+    "falqon_jax.eval.cli": 6, "falqon_jax.eval.__main__": 6,
     "falqon_jax.bench": 6, "falqon_jax.demo": 6,
 }
 
@@ -97,7 +99,7 @@ def test_a_layering_violation_would_be_reported():
     assert layer("falqon_jax.export.writer") < layer("falqon_jax.export.cli")
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "export", "bench", "demo"])
+@pytest.mark.parametrize("command", ["train", "generate", "export", "bench", "demo", "eval"])
 def test_python_dash_m_entry_points_exist(command):
     spec = importlib.util.find_spec(f"falqon_jax.{command}")
     assert spec is not None

@@ -139,6 +139,7 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     mesh: Mesh | None = None,
+    width: int | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
@@ -155,6 +156,8 @@ def generate(
       mesh: run sharded over this mesh (``params`` placed by
         :func:`falqon_jax.sharding.tree_shardings`, e.g. a training run's state): prompts
         split over its batch axes when their count divides, else replicated.
+      width: left-pad the prompts to at least this many tokens, so that batches of prompts
+        of different lengths share one compiled program (padding changes no token).
 
     Returns:
       The new tokens per prompt, cut after the first EOS (which is included).
@@ -165,7 +168,7 @@ def generate(
     """
     _check_settings(prompts, max_new_tokens, temperature, top_p)
     eos_ids = _eos_tuple(eos_id)
-    tokens, mask = _left_padded(prompts, pad_id, mesh)
+    tokens, mask = _left_padded(prompts, pad_id, mesh, width)
     out = _generate(
         module,
         params,
@@ -195,12 +198,12 @@ def _check_settings(prompts: Sequence[Sequence[int]], max_new_tokens: int,
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int,
-                 mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
-    """The prompts left-padded with ``pad_id`` to the longest: int32 ``tokens`` and ``mask``
-    (1 on real tokens), both ``(batch, width)``; with ``mesh``, split over its batch axes
-    when the row count divides, else replicated."""
-    width = max(len(p) for p in prompts)
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, mesh: Mesh | None,
+                 width: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The prompts left-padded with ``pad_id`` to the longest (or to ``width``, if longer):
+    int32 ``tokens`` and ``mask`` (1 on real tokens), both ``(batch, width)``; with ``mesh``,
+    split over its batch axes when the row count divides, else replicated."""
+    width = max(max(len(p) for p in prompts), width or 0)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):

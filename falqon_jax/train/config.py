@@ -79,6 +79,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_time: float | None = None  # seconds; see falqon_jax.train.stopping
     sample_tokens: int = 32
+    # --eval-tasks: lm-eval tasks the final model is scored on (not part of the run's
+    # identity: a resumed run may add or change them)
+    eval_tasks: str = ""  # comma-separated lm-eval task names; "" for none
+    eval_fewshot: int | None = None  # None: each task's own
+    eval_limit: float | None = None  # examples per task (a fraction below 1); None: all
+    eval_include_path: str | None = None  # a folder of the user's own task YAML files
     mesh: str = ""
     coordinator: str = ""
     num_processes: int = 1
@@ -153,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "differ, each flag's help shows both ('demo X, paper Y').",
         argument_default=argparse.SUPPRESS,
     )
-    for add_flags in (_source_flags, _method_flags, _optimizer_flags, _run_flags):
+    for add_flags in (_source_flags, _method_flags, _optimizer_flags, _run_flags, _eval_flags):
         add_flags(p.add_argument)
     _show_defaults(p)
     return p
@@ -259,6 +265,20 @@ def _run_flags(add: Callable[..., Any]) -> None:
         "be left out)")
 
 
+def _eval_flags(add: Callable[..., Any]) -> None:
+    """Scoring the final model on lm-evaluation-harness tasks (the eval extra)."""
+    add("--eval-tasks", help="at the end, score the final model on these comma-separated "
+        "lm-eval tasks (e.g. mmlu, or arc_easy,arc_challenge) as python -m falqon_jax.eval "
+        "does; results in OUT/eval/ (needs the eval extra: "
+        f"{packaged.install_command('eval')})")
+    add("--eval-fewshot", type=int, help="few-shot examples for --eval-tasks (default: "
+        "each task's own)")
+    add("--eval-limit", type=float, help="at most this many examples per --eval-tasks task "
+        "(a fraction below 1: that share); for quick checks")
+    add("--eval-include-path", help="folder of your own lm-eval task YAML files for "
+        "--eval-tasks")
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append each setting's default to its help: ``(default: X)``, or ``(default: demo X,
     paper Y)`` where the demo's and the paper's differ."""
@@ -353,6 +373,10 @@ def _read_recipe(path: str) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"recipe {path} is not valid TOML: {err}") from None
     actions = {a.dest: a for a in build_parser()._actions}
+    if "tasks" in raw and "data" not in raw:
+        raise ConfigError(f"recipe {path} is an evaluation recipe: run it with python -m "
+                          f"falqon_jax.eval --model MODEL --recipe {path}, or score a run's "
+                          "final model with --eval-tasks")
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -431,6 +455,10 @@ def validate(c: TrainConfig, *, need_data: bool = True) -> None:
         raise ConfigError(f"--max-time must be a positive number of seconds, got {c.max_time!r}")
     if c.eval_size < 0 or c.sample_tokens < 0:
         raise ConfigError("--eval-size and --sample-tokens must be >= 0")
+    if c.eval_fewshot is not None and c.eval_fewshot < 0:
+        raise ConfigError(f"--eval-fewshot must be >= 0, got {c.eval_fewshot}")
+    if c.eval_limit is not None and not c.eval_limit > 0:
+        raise ConfigError(f"--eval-limit must be positive, got {c.eval_limit}")
     if c.batch_size % c.grad_accum:
         raise ConfigError(
             f"--batch-size {c.batch_size} must be divisible by --grad-accum {c.grad_accum}"

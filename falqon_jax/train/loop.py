@@ -44,6 +44,7 @@ from falqon_jax.train.outcome import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     EXIT_TIME_LIMIT,
+    EXIT_USAGE,
     RunResult,
     UserError,
 )
@@ -109,6 +110,28 @@ def train(run: Run, progress: Progress, resume: bool, started: float) -> RunResu
     bar.close()
     run.prep.model.params = progress.state.params
     report_samples(run.prep, run.prep.model, progress.last_eval, mesh)
+    if config.eval_tasks:
+        return evaluated(run, progress)
+    return RunResult(0, progress.step, progress.last_eval, run.out)
+
+
+def evaluated(run: Run, progress: Progress) -> RunResult:
+    """``--eval-tasks``: the final model, as trained, scored on lm-eval tasks as ``python -m
+    falqon_jax.eval`` scores it; the results go to ``OUT/eval/``, a summary line to stdout
+    and the metrics to ``--report-to``'s writers (``lm_eval/<task>/<metric>`` at the last
+    step). A task that cannot be loaded (e.g. its data set) ends the run with one line and
+    exit 2; the trained run is saved either way."""
+    from falqon_jax.eval.harness import EvalError, evaluate_trained
+
+    try:
+        line, metrics = evaluate_trained(run.prep.model, run.prep.tokenizer, run.config,
+                                         run.mesh, run.out, progress.step, run.primary)
+    except EvalError as err:
+        print(f"error: {err}; the run is saved: score it with python -m falqon_jax.eval "
+              f"--model {run.out} --tasks {run.config.eval_tasks}", file=sys.stderr)
+        return RunResult(EXIT_USAGE, progress.step, progress.last_eval, run.out)
+    run.reporter.log(progress.step, metrics)
+    print(line)
     return RunResult(0, progress.step, progress.last_eval, run.out)
 
 

@@ -76,6 +76,13 @@ def finetune(config: TrainConfig, *, resume: bool = False) -> RunResult:
     started = time.monotonic()
     validate(config)
     reporting.check_installed(config.report_to)  # before anything is downloaded or written
+    if config.eval_tasks:  # lm-eval installed, the tasks known: one line now, not after training
+        from falqon_jax.eval.harness import EvalError, check_train_settings
+
+        try:
+            check_train_settings(config)
+        except EvalError as err:
+            raise ConfigError(str(err)) from None
     if resume:
         config = kept_schedule(config)
     # Every process checks --out before joining: nothing is written before all have joined.
