@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from falqon_jax.model import loading
-from falqon_jax.model.config import load_card
+from falqon_jax.model.config import LlamaConfig, load_card
 from falqon_jax.sharding import parse_mesh, tree_shardings
 from falqon_jax.train.config import DEMO
 from falqon_jax.train.prepare import load_model_to_train
@@ -73,6 +73,11 @@ def test_a_checkpoint_loads_layer_by_layer_quietly(tmp_path, capfd):
 
 def test_the_progress_bar_is_shown_for_big_models_only():
     assert loading._layer_progress(load_card("tiny")).disable
+    # SmolLM2-135M's shapes: 106M values in its layers (its 28M-value vocabulary projection
+    # is not converted layer by layer and does not count), converted in seconds.
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                          num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+    assert loading._layer_progress(smollm2).disable
     assert not loading._layer_progress(load_card("llama-7b")).disable
 
 

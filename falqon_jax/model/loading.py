@@ -407,7 +407,8 @@ PROGRESS_MIN_VALUES = 500_000_000
 def _layer_progress(config: LlamaConfig) -> Iterable[int]:
     """``range(num_layers)``, with a bar on stderr ("converting layers: 12/80") for big
     models, on the first process; it is cleared once the model is loaded."""
-    values = config.num_layers * sum(o * i for o, i in linear_shapes(config).values())
+    per_layer = sum(o * i for name, (o, i) in linear_shapes(config).items() if name != "lm_head")
+    values = config.num_layers * per_layer
     shown = values >= PROGRESS_MIN_VALUES and jax.process_index() == 0
     return tqdm(range(config.num_layers), desc="converting layers", unit="layer",
                 leave=False, file=sys.stderr, disable=not shown, dynamic_ncols=True)
