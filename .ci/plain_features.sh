@@ -101,4 +101,26 @@ cp "$llama/tokenizer.model" "$llama/tokenizer_config.json" spm/
 check spm-tokenizer python -m falqon_jax.generate --model run --tokenizer spm \
     --prompt "Once upon a time" --max-new-tokens 4
 
+# Features behind an extra, on this install without it: --help works, and asking for one says
+# in one line which extra to install (exit 2), before anything is loaded or written.
+check eval-help python -m falqon_jax.eval --help
+refused() {
+    local name="$1" log="$work/$1.log" code=0
+    shift
+    "$@" >"$log" 2>&1 || code=$?
+    if [[ $code != 2 || $(wc -l <"$log") != 1 ]] || ! grep -q "pip install" "$log"; then
+        cat "$log"
+        echo "plain_features: FAILED: $name: expected one line naming the extra, exit 2" \
+             "(got exit $code): $*" >&2
+        exit 1
+    fi
+    echo "plain_features: $name refused in one line: $(cat "$log")"
+}
+refused eval-without-extra python -m falqon_jax.eval --model run --tasks arc_easy
+refused train-eval-tasks-without-extra python -m falqon_jax.train --out run-eval --steps 2 \
+    --eval-tasks arc_easy
+refused report-to-without-extra python -m falqon_jax.train --out run-tb --steps 2 \
+    --report-to tensorboard
+test ! -e run-eval && test ! -e run-tb
+
 echo "plain_features: all ok in $SECONDS s"
