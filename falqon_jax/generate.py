@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # unconverted-layer notices are not news here
         warnings.simplefilter("ignore", UserWarning)
         loaded = load_any(args.model, method=args.method, rank=args.rank, alpha=args.alpha,
-                          dtype=args.dtype, seed=args.seed, init=args.init)
+                          dtype=args.dtype, seed=args.seed, init=args.init, mesh=mesh)
     model = loaded.model
     tokenizer = None
     if ids is None:
@@ -222,14 +222,7 @@ def run(args: argparse.Namespace) -> int:
         eos = eos if eos is not None else model.config.eos_token_id
     from falqon_jax.model.generation import generate
 
-    params = model.params
-    if mesh is not None:
-        import jax
-
-        from falqon_jax.sharding import tree_shardings
-
-        params = jax.device_put(params, tree_shardings(mesh, params))
-    out = generate(model.module, params, [ids], args.max_new_tokens,
+    out = generate(model.module, model.params, [ids], args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    eos_id=eos, mesh=mesh)[0]
     if tokenizer is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from falqon_jax.model.llama import LlamaModel
 from falqon_jax.model.loading import DTYPES, LoadError
@@ -25,6 +25,9 @@ from falqon_jax.train.runs import (
     load_run,
     read_json,
 )
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 
 def kind_of(path: str | os.PathLike[str]) -> str:
@@ -84,6 +87,7 @@ def load_any(
     dtype: str | None = None,
     seed: int = 0,
     init: str | None = None,
+    mesh: Mesh | None = None,
 ) -> Loaded:
     """Load ``source``: a run, a run checkpoint, an FP8 export, a Hugging Face directory, a
     Hugging Face Hub name or a model card.
@@ -93,6 +97,10 @@ def load_any(
     defaults to the run's, else ``"bfloat16"``. A Hub name, or a card's Hub ``source``, is
     downloaded into the Hugging Face cache (or read from it offline); ``init="random"`` gives
     random weights instead (a card's architecture; a Hub model's from its config alone).
+    ``mesh``: the params come back split over it as a training run's
+    (:func:`falqon_jax.sharding.tree_shardings`); a Hugging Face checkpoint or card is
+    converted straight onto it, layer by layer (no device ever holds the whole model), a run
+    or an FP8 export is read, then placed.
     Raises :class:`LoadError` with a one-line message for anything unusable, and
     :class:`~falqon_jax.train.checkpoints.CheckpointError` (one line) for a run's checkpoint
     or ``OUT/frozen`` that cannot be read or differs from its fingerprint.
@@ -103,7 +111,7 @@ def load_any(
     path = Path(source)
     if kind in ("run", "checkpoint"):
         model, config = load_run(path, dtype=dtype)
-        return Loaded(model, kind, _run_tokenizer(config), config)
+        return Loaded(_placed(model, mesh), kind, _run_tokenizer(config), config)
     if kind == "missing":
         raise LoadError(f"{source} does not exist")
     if kind == "unknown":
@@ -118,17 +126,30 @@ def load_any(
         if kind == "fp8":
             from falqon_jax.export.reader import load_fp8_export
 
-            model = load_fp8_export(path, dtype=dtype or "bfloat16", seed=seed)
+            model = _placed(load_fp8_export(path, dtype=dtype or "bfloat16", seed=seed), mesh)
         else:
             from falqon_jax.model.loading import load_model
 
             model = load_model(path if kind == "hub" else source, method=method, rank=rank,
-                               alpha=alpha, dtype=dtype or "bfloat16", init=init, seed=seed)
+                               alpha=alpha, dtype=dtype or "bfloat16", init=init, seed=seed,
+                               mesh=mesh)
     except (ValueError, OSError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoadError(message) from None
     tok_dir = path if kind in ("hf", "fp8", "hub") and _has_tokenizer(path) else None
     return Loaded(model, kind, tok_dir)
+
+
+def _placed(model: LlamaModel, mesh: Mesh | None) -> LlamaModel:
+    """``model`` with its params split over ``mesh`` as a training run's."""
+    if mesh is None:
+        return model
+    import jax
+
+    from falqon_jax.sharding import tree_shardings
+
+    params = jax.device_put(model.params, tree_shardings(mesh, model.params))
+    return LlamaModel(model.module, params)
 
 
 def _run_tokenizer(config: Any) -> Path | None:

@@ -219,13 +219,20 @@ from falqon_jax import load_model
 from falqon_jax.model.generation import generate
 from falqon_jax.generate import main
 from falqon_jax.sharding import parse_mesh, tree_shardings
+from falqon_jax.sources import load_any
 
 m = load_model(sys.argv[1], method="full", dtype="float32")
 prompts = [[1] + [10 + 7 * i + j for j in range(i % 5 + 1)] for i in range(8)]
 out = {"one": generate(m.module, m.params, prompts, 24)}
 for spec in ("fsdp=8", "data=2,fsdp=4"):
     mesh = parse_mesh(spec)
-    placed = jax.device_put(m.params, tree_shardings(mesh, m.params))
+    # what generate --mesh and eval --mesh load: converted onto the mesh, layer by layer
+    placed = load_any(sys.argv[1], method="full", dtype="float32", mesh=mesh).model.params
+    want = tree_shardings(mesh, m.params)
+    for leaf, plain, sharding in zip(jax.tree.leaves(placed), jax.tree.leaves(m.params),
+                                     jax.tree.leaves(want), strict=True):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (spec, leaf.sharding)
+        assert (jax.device_get(leaf) == jax.device_get(plain)).all()
     out[spec] = generate(m.module, placed, prompts, 24, mesh=mesh)
     out[spec + " odd batch"] = generate(m.module, placed, prompts[:3], 24, mesh=mesh)
 print("RESULT" + json.dumps(out))
@@ -238,8 +245,9 @@ assert main(["--model", sys.argv[1], "--prompt-ids", "1,20,30", "--method", "fal
 @pytest.mark.slow  # minutes of simulated-mesh runs; .ci/run runs them
 @pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260K")
 def test_generation_on_meshes_matches_one_device():
-    """Greedy generation from stories260K with FSDP-sharded weights, the prompts split over
-    the mesh or (3 prompts) replicated, gives one device's tokens; the CLI's ``--mesh`` runs
+    """Greedy generation from stories260K with FSDP-sharded weights (loaded onto the mesh,
+    equal to a plain load), the prompts split over the mesh or (3 prompts) replicated, gives
+    one device's tokens; the CLI's ``--mesh`` runs
     too (on the FALQON-melded model). In float32 a sharded step differs from one device by
     at most summation order, far below the logit gaps greedy decoding compares. (FALQON's
     FP8 activations can turn such one-ulp differences into rounding flips -- seen here

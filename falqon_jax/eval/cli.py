@@ -237,7 +237,7 @@ def run(given: dict[str, Any]) -> int:
     if kind == "missing":
         raise UsageError(f"--model {model} does not exist")
     manager = task_manager(settings.tasks, settings.include_path)  # before loading weights
-    loaded, run_dir, step = _load(values, kind)
+    loaded, run_dir, step = _load(values, kind, mesh)
     tokenizer = _tokenizer(loaded, values["tokenizer"])
     import jax.numpy as jnp
 
@@ -261,9 +261,10 @@ def run(given: dict[str, Any]) -> int:
 
 
 
-def _load(values: dict[str, Any], kind: str) -> tuple[Any, Path | None, int | None]:
-    """The model (:func:`falqon_jax.sources.load_any`) and, for a run or one of its
-    checkpoints, the run's directory and the checkpoint's step."""
+def _load(values: dict[str, Any], kind: str,
+          mesh: Any) -> tuple[Any, Path | None, int | None]:
+    """The model (:func:`falqon_jax.sources.load_any`, split over ``mesh`` if one) and, for
+    a run or one of its checkpoints, the run's directory and the checkpoint's step."""
     import warnings
 
     from falqon_jax.sources import load_any
@@ -272,7 +273,7 @@ def _load(values: dict[str, Any], kind: str) -> tuple[Any, Path | None, int | No
         warnings.simplefilter("ignore", UserWarning)
         loaded = load_any(values["model"], method=values["method"], rank=values["rank"],
                           alpha=values["alpha"], dtype=values["dtype"], seed=values["seed"],
-                          init=values["init"])
+                          init=values["init"], mesh=mesh)
     if kind not in ("run", "checkpoint"):
         return loaded, None, None
     from falqon_jax.train.runs import resolve_checkpoint
