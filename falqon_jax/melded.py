@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from functools import partial
 from typing import Literal
 
 import jax
@@ -179,48 +178,8 @@ def _svd_factor(w: jax.Array, rank: int) -> jax.Array:
     """``sqrt(S_r) V_r^T`` of the E4M3 quantization error of ``w``: float32 ``(rank, in)``."""
     q, s = fp8.quantize(w, fp8.E4M3)
     error = w - fp8.dequantize(q, s)
-    sing, vt = top_singular(error, rank)
-    return jnp.sqrt(sing)[:, None] * vt
-
-
-# Randomized subspace iteration for the top singular pairs (Halko, Martinsson & Tropp 2011,
-# algorithm 4.4): the subspace gets SVD_OVERSAMPLE extra directions and SVD_ITERATIONS
-# power iterations. A quantization error's spectrum is flat (SmolLM2-135M: its top 64
-# singular values hold 26-60% of the error's energy), so the iterations converge slowly;
-# 16 of them capture at least 99.89% of the energy of the exact top 64 on every projection of
-# SmolLM2-135M (BENCHMARKS.md, "FALQON's A without an exact SVD").
-SVD_OVERSAMPLE = 16
-SVD_ITERATIONS = 16
-
-
-def top_singular(m: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """The ``rank`` largest singular values of the float32 matrix ``m`` ``(rows, cols)`` and
-    their right singular vectors: float32 ``(rank,)`` (descending) and ``(rank, cols)``.
-
-    Exact (``jnp.linalg.svd``) where ``rank + SVD_OVERSAMPLE`` reaches the smaller side of
-    ``m``; otherwise randomized subspace iteration, which costs ``2 * (SVD_ITERATIONS + 1)``
-    matrix products with ``rank + SVD_OVERSAMPLE`` columns and no SVD of ``m`` itself -- on
-    a GPU, matrix products at full speed instead of a dense SVD that takes minutes for
-    LLaMA-70B's 28672 x 8192 weights. Deterministic: the random start is the same for every
-    call. The products run in full float32 precision (no TF32).
-    """
-    m = jnp.asarray(m, jnp.float32)
-    width = rank + SVD_OVERSAMPLE
-    if width >= min(m.shape):
-        _, sing, vt = jnp.linalg.svd(m, full_matrices=False)
-        return sing[:rank], vt[:rank]
-    matmul = partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-    start = jax.random.normal(jax.random.key(0), (m.shape[1], width), jnp.float32)
-    basis, _ = jnp.linalg.qr(matmul(m, start))  # (rows, width), orthonormal columns
-
-    def iterate(basis: jax.Array, _: None) -> tuple[jax.Array, None]:
-        right, _ = jnp.linalg.qr(matmul(m.T, basis))
-        basis, _ = jnp.linalg.qr(matmul(m, right))
-        return basis, None
-
-    basis, _ = jax.lax.scan(iterate, basis, None, length=SVD_ITERATIONS)
-    _, sing, vt = jnp.linalg.svd(matmul(basis.T, m), full_matrices=False)
-    return sing[:rank], vt[:rank]
+    _, sing, vt = jnp.linalg.svd(error, full_matrices=False)
+    return jnp.sqrt(sing[:rank])[:, None] * vt[:rank]
 
 
 def _random_factor(w: jax.Array, rank: int, key: jax.Array) -> jax.Array:
